@@ -1,0 +1,119 @@
+"""Backdoor clients: data poisoning, model replacement and norm-bounded (PGD) attacks.
+
+DBA is not a class of its own: with a distributed trigger (`attack.trigger: dba`) attacker i stamps
+local piece i (mod the number of pieces), whichever poisoning class it uses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from clients.benign import BenignClient
+from flip_fl.attack import build_trigger
+from flip_fl.client import FitResult, RoundInfo, StateDict
+from flip_fl.config import Config
+from flip_fl.poisoning import model_replacement_scale, num_poison_for_batch, poison_batch, project_l2, scale_update
+from flip_fl.schema import ConfigError
+from flip_fl.training import sgd, state_on_cpu, train_epochs
+
+
+class PoisonClient(BenignClient):
+    """Continuous data poisoning (BadNets/DBA style) with the attacker's own optimiser and schedule.
+
+    In its attack rounds it stamps the trigger on `attack.poison_fraction` of every minibatch and
+    relabels those samples `attack.target_label`; outside them it trains honestly.
+    """
+
+    scales_update: ClassVar[bool] = False
+    bounds_norm: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Reject attack keys this class would ignore."""
+        if cfg.attack.scale != 1.0 and not cls.scales_update:
+            raise ConfigError(f"attack.scale: {cls.__name__} does not scale its update; "
+                              "use clients.ModelReplacementClient or leave attack.scale at 1.0")
+        if cfg.attack.norm_bound is not None and not cls.bounds_norm:
+            raise ConfigError(f"attack.norm_bound: {cls.__name__} does not bound its norm; "
+                              "use clients.NormBoundedClient or remove attack.norm_bound")
+
+    def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
+        if not info.attacking:
+            return super().fit(global_state, info)
+        a, c = self.cfg.attack, self.cfg.client
+        model = self.model_from(global_state)
+        epochs = a.local_epochs or c.local_epochs
+        optimizer = sgd(model, a.lr or c.lr, c.momentum if a.momentum is None else a.momentum,
+                        c.weight_decay if a.weight_decay is None else a.weight_decay)
+        milestones = sorted({max(1, round(m * epochs)) for m in a.lr_milestones})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, a.lr_gamma)
+        trigger = build_trigger(a, self.data.image_shape)
+        piece = info.attacker_index % trigger.num_pieces if trigger.num_pieces > 1 and info.attacker_index is not None else None
+
+        def poison(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k = num_poison_for_batch(len(x), fraction=a.poison_fraction)
+            return poison_batch(x, y, trigger, a.target_label, k, piece)
+
+        metrics = train_epochs(model, self.data, optimizer, epochs=epochs, batch_size=c.batch_size,
+                               device=self.device, generator=self.generator(info.server_round),
+                               transform=poison, on_epoch_end=lambda _: scheduler.step(),
+                               after_step=self.step_hook(global_state, model))
+        state = self.finalize(global_state, state_on_cpu(model), info)
+        return FitResult(state, len(self.data), {**metrics, "attacked": 1.0})
+
+    def step_hook(self, global_state: StateDict, model: torch.nn.Module):
+        """Called after each optimiser step (none for plain poisoning)."""
+        return None
+
+    def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
+        """Post-process the trained local model before it is sent (identity for plain poisoning)."""
+        return local_state
+
+
+class ModelReplacementClient(PoisonClient):
+    """Single-shot model replacement (Bagdasaryan et al. 2020): poison, then scale the update by gamma.
+
+    `attack.scale: auto` uses gamma = clients_per_round / server.lr, which replaces the global model
+    under the unweighted mean (the FLIP paper's x100 with 10 clients and eta = 0.1); with example
+    weighting it assumes equally sized clients.
+    """
+
+    scales_update = True
+
+    def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
+        gamma = self.cfg.attack.scale
+        if gamma == "auto":
+            gamma = model_replacement_scale(self.cfg.federation.clients_per_round, self.cfg.server.lr)
+        return scale_update(global_state, local_state, float(gamma))
+
+
+class NormBoundedClient(PoisonClient):
+    """PGD attack (Sun et al. 2019; Wang et al. 2020): keep the update inside an L2 ball of radius eps.
+
+    Projects every `attack.project_every` steps and once more at the end, so norm-clipping defenses
+    cannot single the update out by its size.
+    """
+
+    bounds_norm = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if cfg.attack.norm_bound is None:
+            raise ConfigError("attack.norm_bound: required by clients.NormBoundedClient (the L2 radius eps)")
+
+    def step_hook(self, global_state: StateDict, model: torch.nn.Module):
+        eps, every = self.cfg.attack.norm_bound, self.cfg.attack.project_every
+        reference = {k: v.to(self.device) for k, v in global_state.items()}
+
+        def project(step: int) -> None:
+            if step % every == 0:
+                with torch.no_grad():
+                    model.load_state_dict(project_l2(reference, model.state_dict(), eps))
+
+        return project
+
+    def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
+        return project_l2(global_state, local_state, self.cfg.attack.norm_bound)

@@ -1,0 +1,99 @@
+"""The client contract: every client class (benign, malicious, defended, user-written) subclasses BaseClient.
+
+A client is built fresh for each training message with its partition's data and its persistent
+`ClientState`, runs `fit`, and is discarded: anything that must survive to the next round goes
+into `state` (kept by Flower per node in `context.state`) or under `workdir` (on disk, per partition).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flip_fl.config import Config
+from flip_fl.data import ImageDataset
+from flip_fl.models import build_model
+from flip_fl.schema import ConfigError
+
+Scalar = int | float | str | bool
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class RoundInfo:
+    """What the server tells a client about this round."""
+
+    server_round: int
+    malicious: bool
+    attacking: bool
+    attacker_index: int | None
+
+
+@dataclass
+class FitResult:
+    """A client's reply: its local model, the example count used for weighting, and metrics."""
+
+    state: StateDict
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClientState:
+    """Per-partition state that persists across rounds (small: it travels with every message)."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    values: dict[str, Scalar] = field(default_factory=dict)
+
+
+class BaseClient(ABC):
+    """Base of all clients: holds the config, local data, device, persistent state and a work dir."""
+
+    def __init__(self, cfg: Config, partition_id: int, data: ImageDataset, device: torch.device,
+                 state: ClientState, workdir: Path) -> None:
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.data = data
+        self.device = device
+        self.state = state
+        self.workdir = workdir
+
+    def model_from(self, global_state: StateDict) -> nn.Module:
+        """A fresh model on this client's device loaded with the global weights."""
+        model = build_model(self.cfg.model, self.data)
+        model.load_state_dict(global_state)
+        return model.to(self.device)
+
+    def generator(self, server_round: int, stream: int = 0) -> torch.Generator:
+        """A torch generator seeded by (seed, round, partition, stream): same run, same draws."""
+        seed = np.random.SeedSequence([self.cfg.seed, server_round, self.partition_id, stream]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    @abstractmethod
+    def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
+        """Train locally from `global_state` and return the new local model."""
+
+
+def load_client_class(dotted: str, key_path: str) -> type[BaseClient]:
+    """Import `package.module.Class` (or `package.Class`) and check it subclasses BaseClient."""
+    module_name, _, class_name = dotted.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{key_path}: {dotted!r} is not a dotted path like 'clients.BenignClient'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key_path}: cannot import module {module_name!r} ({err})") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"{key_path}: module {module_name!r} has no class {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, BaseClient)):
+        raise ConfigError(f"{key_path}: {dotted} does not subclass flip_fl.client.BaseClient")
+    if getattr(cls, "__abstractmethods__", None):
+        raise ConfigError(f"{key_path}: {dotted} is abstract (missing {', '.join(sorted(cls.__abstractmethods__))})")
+    return cls

@@ -1,0 +1,279 @@
+"""The flip-fl configuration schema: every key, its type, default and meaning, in one place.
+
+`docs/CONFIG.md` is generated from this module (`python sim.py config-docs`) and a test keeps it current.
+Load a file with `load_config(path, overrides)`; every problem raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flip_fl.schema import ConfigError, document, dump_section, key, load_section, section
+
+DatasetName = Literal["synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100"]
+ModelName = Literal["tiny_cnn", "mnist_cnn", "resnet18", "resnet32"]
+
+
+@dataclass
+class SyntheticConfig:
+    channels: int = key(1, "Image channels of the synthetic dataset (1 or 3).", ge=1, le=3)
+    image_size: int = key(28, "Height and width of the synthetic images (28 or 32 match MNIST/CIFAR).", ge=16, le=64)
+    train_size: int = key(6000, "Number of synthetic training images.", ge=10)
+    test_size: int = key(1000, "Number of synthetic test images.", ge=10)
+    noise: float = key(0.2, "Std of the per-pixel Gaussian noise; higher is harder.", ge=0.0, le=1.0)
+
+
+@dataclass
+class DataConfig:
+    name: DatasetName = key("synthetic", "Dataset: synthetic (offline, built in), mnist, fashion_mnist, cifar10, cifar100.")
+    root: str = key("data", "Directory holding the torchvision dataset files (relative to the working directory).")
+    download: bool = key(False, "Let torchvision download missing files into data.root (needs internet).")
+    partition: Literal["iid", "dirichlet"] = key("iid", "How training data is split across clients.")
+    alpha: float | None = key(None, "Dirichlet concentration; required when data.partition is dirichlet.", gt=0.0)
+    synthetic: SyntheticConfig = section(SyntheticConfig, "Shape and difficulty of the synthetic dataset.")
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = key("tiny_cnn", "Model architecture from the registry in flip_fl/models.py.")
+    width: float = key(1.0, "Width multiplier of resnet18 (the FLIP defense paper uses 0.5).", gt=0.0)
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = key(20, "Number of clients (Flower supernodes), one data partition each.", ge=1)
+    clients_per_round: int = key(10, "Clients sampled per round.", ge=1)
+    num_rounds: int = key(5, "Federated rounds to run.", ge=1)
+
+
+@dataclass
+class ClientRolesConfig:
+    benign: str = key("clients.BenignClient", "Dotted path of the benign client class (must subclass flip_fl.client.BaseClient).")
+
+
+@dataclass
+class ClientConfig:
+    local_epochs: int = key(1, "Local epochs of benign training per round.", ge=1)
+    batch_size: int = key(64, "Local minibatch size.", ge=1)
+    lr: float = key(0.1, "Local SGD learning rate.", gt=0.0)
+    momentum: float = key(0.9, "Local SGD momentum.", ge=0.0, lt=1.0)
+    weight_decay: float = key(5e-4, "Local SGD weight decay.", ge=0.0)
+    max_batches: int | None = key(None, "Cap on minibatches per round (null: no cap).", ge=1)
+
+
+@dataclass
+class ServerConfig:
+    lr: float = key(1.0, "Server learning rate eta: global += eta * mean(client deltas).", gt=0.0)
+    weighted: bool = key(True, "Weight client deltas by their number of examples (false: plain mean).")
+    initial_model: str | None = key(None, "Path of a state_dict (.pt) to start from, e.g. a clean run's final_model.pt.")
+    eval_batch_size: int = key(512, "Batch size of server-side evaluation.", ge=1)
+
+
+@dataclass
+class AttackConfig:
+    client: str = key("clients.PoisonClient", "Dotted path of the malicious client class (must subclass flip_fl.client.BaseClient).")
+    num_malicious: int = key(0, "Number of malicious clients, chosen by a seeded draw (0: no attack).", ge=0)
+    malicious_ids: list[int] | None = key(None, "Explicit malicious partition ids (overrides the draw; its length must equal num_malicious or num_malicious must be 0).")
+    target_label: int = key(2, "Label the backdoor maps triggered inputs to.", ge=0)
+    trigger: str = key("pixel_pattern", "Trigger name from flip_fl/triggers.py (pixel_pattern, dba, blended, sinusoidal, turner, fixed_pixels).")
+    trigger_args: dict[str, Any] = key({}, "Keyword arguments of the trigger (see flip_fl/triggers.py).")
+    poison_fraction: float = key(0.3125, "Fraction of each malicious minibatch stamped and relabelled (20/64 as in the FLIP paper on MNIST).", gt=0.0, le=1.0)
+    mode: Literal["continuous", "single_shot"] = key("continuous", "continuous: attack in every round of the window; single_shot: only in attack.rounds.")
+    start_round: int = key(1, "First round in which malicious clients attack.", ge=1)
+    end_round: int | None = key(None, "Last attack round (null: until the end).", ge=1)
+    rounds: list[int | list[int]] | None = key(None, "Per-attacker attack rounds: item i (a round or a list of rounds) is attacker i's schedule; null: start_round (single_shot) or the window (continuous).")
+    force_sampled: bool = key(True, "Put the attackers due to attack into the round's sample; the rest is drawn from benign clients.")
+    local_epochs: int | None = key(None, "Attacker local epochs (null: client.local_epochs).", ge=1)
+    lr: float | None = key(None, "Attacker SGD learning rate (null: client.lr).", gt=0.0)
+    momentum: float | None = key(None, "Attacker SGD momentum (null: client.momentum).", ge=0.0, lt=1.0)
+    weight_decay: float | None = key(None, "Attacker SGD weight decay (null: client.weight_decay).", ge=0.0)
+    lr_milestones: list[float] = key([], "Fractions of the attacker's epochs at which its lr is multiplied by lr_gamma (the paper: [0.2, 0.8]).")
+    lr_gamma: float = key(0.1, "Attacker lr decay factor at each milestone.", gt=0.0)
+    scale: float | Literal["auto"] = key(1.0, "Model-replacement factor gamma on the attacker's update; 'auto' = clients_per_round / server.lr (unweighted) so one update replaces the model.")
+    norm_bound: float | None = key(None, "L2 radius eps: the attacker's update is projected onto this ball (PGD, norm-bounded attack).", gt=0.0)
+    project_every: int = key(1, "Project onto the norm ball every k optimiser steps (and always at the end).", ge=1)
+
+
+@dataclass
+class DefenseConfig:
+    threshold: float = key(0.0, "Low-confidence rejection tau at evaluation: predictions with max softmax < tau are rejected.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class ResourcesConfig:
+    num_cpus: float = key(1.0, "CPUs per client actor.", gt=0.0)
+    num_gpus: float = key(0.0, "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.", ge=0.0)
+    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); --ray-address overrides.")
+    round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
+
+
+@dataclass
+class Config:
+    seed: int = key(0, "Seed of data generation, partitioning, sampling, model init and local training.", ge=0)
+    data: DataConfig = section(DataConfig, "Dataset and partitioning.")
+    model: ModelConfig = section(ModelConfig, "Model architecture.")
+    federation: FederationConfig = section(FederationConfig, "Clients and rounds.")
+    clients: ClientRolesConfig = section(ClientRolesConfig, "Client classes by role.")
+    client: ClientConfig = section(ClientConfig, "Benign local training.")
+    server: ServerConfig = section(ServerConfig, "Aggregation and evaluation on the server.")
+    attack: AttackConfig = section(AttackConfig, "Malicious clients and their backdoor.")
+    defense: DefenseConfig = section(DefenseConfig, "Defenses.")
+    resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and the watchdog.")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split a `--set key.path=value` item; the value is parsed as a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    path, text = item.split("=", 1)
+    if not path or any(not part for part in path.split(".")):
+        raise ConfigError(f"--set {item!r}: the key path is empty or malformed")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {path}: value {text!r} is not valid YAML ({err.problem})") from None
+    return path.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Write each `key.path=value` into the raw mapping (validation happens afterwards)."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with safe_load, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a raw mapping into a Config (types, ranges, then cross-key rules)."""
+    cfg = load_section(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a YAML config file."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return config_from_dict(raw)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what the run actually used)."""
+    return yaml.safe_dump(dump_section(cfg), sort_keys=False)
+
+
+def from_yaml(text: str) -> Config:
+    """Inverse of `to_yaml` (used by clients that receive the config in a message)."""
+    return config_from_dict(yaml.safe_load(text))
+
+
+NUM_CLASSES = {"synthetic": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key rules: impossible combinations are errors, never silent defaults."""
+    fed, attack = cfg.federation, cfg.attack
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds "
+                          f"federation.num_clients ({fed.num_clients})")
+    if cfg.data.partition == "dirichlet" and cfg.data.alpha is None:
+        raise ConfigError("data.alpha: required when data.partition is 'dirichlet' (e.g. 0.5)")
+    if cfg.data.partition == "iid" and cfg.data.alpha is not None:
+        raise ConfigError("data.alpha: only used with data.partition: dirichlet; remove it or change the partition")
+    if cfg.data.name == "synthetic" and cfg.data.synthetic.channels not in (1, 3):
+        raise ConfigError(f"data.synthetic.channels: {cfg.data.synthetic.channels} is not allowed; choose 1 or 3")
+    if cfg.data.name == "synthetic" and cfg.data.synthetic.train_size < fed.num_clients:
+        raise ConfigError(f"data.synthetic.train_size: {cfg.data.synthetic.train_size} images cannot "
+                          f"be split over {fed.num_clients} clients")
+    if cfg.model.width != 1.0 and cfg.model.name != "resnet18":
+        raise ConfigError(f"model.width: only resnet18 has a width option, not {cfg.model.name}")
+    num_classes = NUM_CLASSES[cfg.data.name]
+    if attack.target_label >= num_classes:
+        raise ConfigError(f"attack.target_label: {attack.target_label} is not a class of {cfg.data.name} "
+                          f"(0..{num_classes - 1})")
+    if attack.num_malicious > fed.num_clients:
+        raise ConfigError(f"attack.num_malicious: {attack.num_malicious} exceeds federation.num_clients "
+                          f"({fed.num_clients})")
+    if attack.malicious_ids is not None:
+        ids = attack.malicious_ids
+        bad = [i for i in ids if not 0 <= i < fed.num_clients]
+        if bad:
+            raise ConfigError(f"attack.malicious_ids: {bad} are not partition ids (0..{fed.num_clients - 1})")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"attack.malicious_ids: {ids} has duplicates")
+        if attack.num_malicious not in (0, len(ids)):
+            raise ConfigError(f"attack.num_malicious: {attack.num_malicious} disagrees with the "
+                              f"{len(ids)} attack.malicious_ids; set one of them")
+    if attack.end_round is not None and attack.end_round < attack.start_round:
+        raise ConfigError(f"attack.end_round: {attack.end_round} is before attack.start_round ({attack.start_round})")
+    if attack.rounds is not None:
+        n_attackers = num_attackers(cfg)
+        if len(attack.rounds) != n_attackers:
+            raise ConfigError(f"attack.rounds: {len(attack.rounds)} schedules given for {n_attackers} attackers")
+        for i, item in enumerate(attack.rounds):
+            for r in item if isinstance(item, list) else [item]:
+                if not 1 <= r <= fed.num_rounds:
+                    raise ConfigError(f"attack.rounds[{i}]: round {r} is outside 1..{fed.num_rounds}")
+    if attack.force_sampled and num_attackers(cfg) > fed.clients_per_round:
+        schedule_max = max_attackers_per_round(cfg)
+        if schedule_max > fed.clients_per_round:
+            raise ConfigError(f"attack.force_sampled: {schedule_max} attackers are due in one round but only "
+                              f"federation.clients_per_round = {fed.clients_per_round} clients are sampled")
+    if any(not 0.0 < m < 1.0 for m in attack.lr_milestones):
+        raise ConfigError(f"attack.lr_milestones: {attack.lr_milestones} must be fractions in (0, 1)")
+
+
+def num_attackers(cfg: Config) -> int:
+    """How many malicious clients the config asks for."""
+    if cfg.attack.malicious_ids is not None:
+        return len(cfg.attack.malicious_ids)
+    return cfg.attack.num_malicious
+
+
+def max_attackers_per_round(cfg: Config) -> int:
+    """Largest number of attackers due in a single round (bounds forced sampling)."""
+    from flip_fl.schedule import attackers_due  # local: schedule depends on this module
+
+    return max((len(attackers_due(cfg, r)) for r in range(1, cfg.federation.num_rounds + 1)), default=0)
+
+
+def config_reference_markdown() -> str:
+    """The config reference page (docs/CONFIG.md), generated from the schema."""
+    lines = ["# Configuration reference", "",
+             "Generated from `flip_fl/config.py` by `python sim.py config-docs`; do not edit by hand.",
+             "Every key is optional; the default is used when it is absent. Unknown keys are errors.", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for path, tp, default, doc in document(Config):
+        if tp == "section":
+            lines.append(f"| **{path}** | section | | {doc} |")
+        else:
+            lines.append(f"| `{path}` | {tp.replace('|', '&#124;')} | `{default}` | {doc.replace('|', '&#124;')} |")
+    return "\n".join(lines) + "\n"
+

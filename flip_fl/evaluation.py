@@ -1,0 +1,52 @@
+"""Server-side evaluation of the global model: clean accuracy and loss, attack success rate,
+thresholded (low-confidence rejection) variants, and per-piece ASR for distributed triggers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flip_fl.attack import build_trigger
+from flip_fl.config import Config
+from flip_fl.data import ImageDataset
+from flip_fl.metrics import backdoor_metrics, clean_metrics, cross_entropy, threshold_sweep
+from flip_fl.training import predict_probs
+
+
+class GlobalEvaluator:
+    """Evaluates a global model on the clean test set and on triggered non-target test images.
+
+    The ASR set is every test image whose true label differs from the target, stamped with the
+    full trigger (the union of all pieces for DBA); each piece alone is also measured for DBA.
+    """
+
+    def __init__(self, cfg: Config, test: ImageDataset, device: torch.device) -> None:
+        self.cfg, self.test, self.device = cfg, test, device
+        self.target = cfg.attack.target_label
+        self.threshold = cfg.defense.threshold
+        self.trigger = build_trigger(cfg.attack, test.image_shape)
+        self.non_target = test.subset((test.labels != self.target).nonzero().flatten().numpy())
+
+    def _triggered_probs(self, model: nn.Module, piece: int | None) -> torch.Tensor:
+        return predict_probs(model, self.non_target, self.device, self.cfg.server.eval_batch_size,
+                             transform=lambda x: self.trigger.apply(x, piece))
+
+    def evaluate(self, model: nn.Module) -> dict[str, float | None]:
+        """All per-round metrics of `model` (moved to the evaluation device)."""
+        model = model.to(self.device)
+        bs = self.cfg.server.eval_batch_size
+        probs = predict_probs(model, self.test, self.device, bs)
+        out: dict[str, float | None] = {**clean_metrics(probs, self.test.labels, self.threshold),
+                                        "clean_loss": cross_entropy(probs, self.test.labels)}
+        out.update(backdoor_metrics(self._triggered_probs(model, None), self.target, self.threshold))
+        if self.trigger.num_pieces > 1:
+            for piece in range(self.trigger.num_pieces):
+                out[f"asr_piece{piece}"] = backdoor_metrics(self._triggered_probs(model, piece), self.target, 0.0)["asr"]
+        return out
+
+    def sweep(self, model: nn.Module, thresholds: list[float]) -> list[dict[str, float | None]]:
+        """Coverage vs accuracy on clean and triggered data over `thresholds`, for picking tau."""
+        model = model.to(self.device)
+        bs = self.cfg.server.eval_batch_size
+        clean = predict_probs(model, self.test, self.device, bs)
+        return threshold_sweep(clean, self.test.labels, self._triggered_probs(model, None), self.target, thresholds)

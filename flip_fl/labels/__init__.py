@@ -1,0 +1,42 @@
+"""FLIP label-only backdoor (Jha, Hayase, Oh; NeurIPS 2023), torch-level core.
+
+Pipeline on plain tensors (``x``: N x C x H x W in [0, 1], ``y``: N int64):
+
+1. :func:`train_expert` (x :func:`load_trajectory`): train on clean + triggered source copies,
+   record model and optimizer state;
+2. :func:`optimize_labels`: trajectory matching on per-image logits;
+3. :func:`flip_labels_at_budgets` / :func:`select_flips` (baseline :func:`random_flips`);
+4. :func:`train_user_model` on the flipped hard labels (or :func:`soft_labels`), then
+   :func:`evaluate_cta_pta`.
+"""
+
+from .augment import AugmentSettings, augment, paired_augment
+from .common import TrainSettings, soft_cross_entropy
+from .experts import Checkpoint, Expert, ExpertSettings, checkpoint_steps, load_trajectory, train_expert
+from .flips import (
+    aggregate_margins,
+    apply_flips,
+    flip_labels_at_budgets,
+    margins,
+    random_flips,
+    resolve_budget,
+    select_flips,
+)
+from .matching import (
+    MatchSettings,
+    SGDHyper,
+    momentum_buffers,
+    optimize_labels,
+    sgd_step_functional,
+)
+from .user import UserSettings, evaluate_cta_pta, predict, soft_labels, train_user_model
+
+__all__ = [
+    "AugmentSettings", "augment", "paired_augment",
+    "TrainSettings", "soft_cross_entropy",
+    "Checkpoint", "Expert", "ExpertSettings", "checkpoint_steps", "load_trajectory", "train_expert",
+    "aggregate_margins", "apply_flips", "flip_labels_at_budgets", "margins", "random_flips",
+    "resolve_budget", "select_flips",
+    "MatchSettings", "SGDHyper", "momentum_buffers", "optimize_labels", "sgd_step_functional",
+    "UserSettings", "evaluate_cta_pta", "predict", "soft_labels", "train_user_model",
+]
