@@ -14,7 +14,8 @@ from clients.benign import BenignClient
 from flip_fl.attack import build_trigger
 from flip_fl.client import FitResult, RoundInfo, StateDict
 from flip_fl.config import Config
-from flip_fl.poisoning import model_replacement_scale, num_poison_for_batch, poison_batch, project_l2, scale_update
+from flip_fl.poisoning import (model_replacement_scale, num_poison_for_batch, poison_batch, project_l2, scale_update,
+                               update_norm)
 from flip_fl.schema import ConfigError
 from flip_fl.training import sgd, state_on_cpu, train_epochs
 
@@ -23,7 +24,8 @@ class PoisonClient(BenignClient):
     """Continuous data poisoning (BadNets/DBA style) with the attacker's own optimiser and schedule.
 
     In its attack rounds it stamps the trigger on `attack.poison_fraction` of every minibatch and
-    relabels those samples `attack.target_label`; outside them it trains honestly.
+    relabels those samples `attack.target_label`; outside them it trains honestly. Attack rounds
+    report the L2 norm of the update actually sent (after scaling or projection) as `update_norm`.
     """
 
     scales_update: ClassVar[bool] = False
@@ -61,7 +63,8 @@ class PoisonClient(BenignClient):
                                transform=poison, on_epoch_end=lambda _: scheduler.step(),
                                after_step=self.step_hook(global_state, model))
         state = self.finalize(global_state, state_on_cpu(model), info)
-        return FitResult(state, len(self.data), {**metrics, "attacked": 1.0})
+        return FitResult(state, len(self.data),
+                         {**metrics, "attacked": 1.0, "update_norm": update_norm(global_state, state)})
 
     def step_hook(self, global_state: StateDict, model: torch.nn.Module):
         """Called after each optimiser step (none for plain poisoning)."""
@@ -116,4 +119,10 @@ class NormBoundedClient(PoisonClient):
         return project
 
     def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
-        return project_l2(global_state, local_state, self.cfg.attack.norm_bound)
+        """Project onto the ball; float32 rounding can leave the norm a hair above eps, so shrink until it is not."""
+        eps, margin = self.cfg.attack.norm_bound, 1e-6
+        state = project_l2(global_state, local_state, eps)
+        while update_norm(global_state, state) > eps:
+            state = project_l2(global_state, local_state, eps * max(1.0 - margin, 0.0))
+            margin *= 10
+        return state

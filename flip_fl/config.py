@@ -100,7 +100,20 @@ class AttackConfig:
 
 @dataclass
 class DefenseConfig:
+    name: Literal["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "norm_clip", "weak_dp", "rfa",
+                  "foolsgold", "rlr", "fltrust", "flame"] = key("fedavg", "Server aggregation rule (docs/DEFENSES.md); fedavg is no defense.")
     threshold: float = key(0.0, "Low-confidence rejection tau at evaluation: predictions with max softmax < tau are rejected.", ge=0.0, lt=1.0)
+    num_malicious: int | None = key(None, "f assumed by krum, multikrum and bulyan (and rlr's default threshold); null: the most attackers due in one round.", ge=0)
+    multikrum_select: int | None = key(None, "m, the updates multikrum averages; null: replies - f.", ge=1)
+    trim_beta: float = key(0.2, "trimmed_mean: fraction cut from each end per coordinate (Flower's default).", ge=0.0, lt=0.5)
+    clip_norm: float | None = key(None, "norm_clip and weak_dp: L2 bound on each update; null: the median update norm of the round.", gt=0.0)
+    noise_std: float = key(0.001, "weak_dp: std of the Gaussian noise that reaches the global model, per coordinate (BatchNorm statistics excluded).", ge=0.0)
+    rfa_iters: int = key(100, "rfa: maximum smoothed-Weiszfeld iterations (stops early at a relative change of 1e-6; the RFA code uses 4).", ge=1)
+    foolsgold_features: Literal["all", "output_layer"] = key("all", "foolsgold: coordinates of the history similarity (all trained parameters, or the output layer).")
+    foolsgold_confidence: float = key(1.0, "foolsgold: confidence kappa of the logit re-weighting.", gt=0.0)
+    rlr_threshold: float | None = key(None, "rlr: sign-agreement threshold theta; null: f + 1 (see num_malicious).", ge=0.0)
+    root_size: int = key(100, "fltrust: images of the server's root dataset, a seeded draw from the test set that is then excluded from evaluation.", ge=1)
+    flame_lambda: float = key(0.001, "flame: noise level; the model gets Gaussian noise of std lambda * median update norm.", ge=0.0)
 
 
 @dataclass
@@ -248,6 +261,21 @@ def validate(cfg: Config) -> None:
                               f"federation.clients_per_round = {fed.clients_per_round} clients are sampled")
     if any(not 0.0 < m < 1.0 for m in attack.lr_milestones):
         raise ConfigError(f"attack.lr_milestones: {attack.lr_milestones} must be fractions in (0, 1)")
+    defense = cfg.defense
+    f = defense.num_malicious if defense.num_malicious is not None else max_attackers_per_round(cfg)
+    n = fed.clients_per_round
+    if defense.name in ("krum", "multikrum", "bulyan") and f >= n:
+        raise ConfigError(f"defense.num_malicious: f = {f} must be below federation.clients_per_round ({n})")
+    if defense.name == "bulyan" and n < 4 * f + 3:
+        raise ConfigError(f"defense.num_malicious: bulyan needs federation.clients_per_round >= 4f + 3 = {4 * f + 3} "
+                          f"for f = {f}; lower f or sample more clients")
+    if defense.multikrum_select is not None and defense.multikrum_select > n:
+        raise ConfigError(f"defense.multikrum_select: {defense.multikrum_select} exceeds federation.clients_per_round ({n})")
+    if defense.rlr_threshold is not None and defense.rlr_threshold > n:
+        raise ConfigError(f"defense.rlr_threshold: {defense.rlr_threshold:g} exceeds federation.clients_per_round ({n})")
+    if defense.name == "fltrust" and cfg.data.name == "synthetic" and defense.root_size >= cfg.data.synthetic.test_size:
+        raise ConfigError(f"defense.root_size: {defense.root_size} root images cannot be held out of "
+                          f"data.synthetic.test_size = {cfg.data.synthetic.test_size}")
 
 
 def num_attackers(cfg: Config) -> int:

@@ -265,6 +265,7 @@ def invert_triggers(
     theta_m = _to_param(m0, s.epsilon).to(device).requires_grad_(True)
     theta_p = _to_param(p0, s.epsilon).to(device).requires_grad_(True)
     opt = torch.optim.Adam([theta_m, theta_p], lr=s.lr, betas=s.betas)
+    act_d = active.to(device=device, dtype=torch.float32)
 
     cost = torch.full((K,), float(s.init_cost), dtype=torch.float64)
     up_cnt = torch.zeros(K, dtype=torch.long)
@@ -311,7 +312,6 @@ def invert_triggers(
                 acc_k = torch.zeros(K, device=device, dtype=ce.dtype).index_add_(0, sb, hit) / cnt_d
                 l1_k = m.abs().sum(dim=(1, 2, 3))
                 cost_d = cost.to(device=device, dtype=l1_k.dtype)
-                act_d = active.to(device=device, dtype=l1_k.dtype)
                 loss = ((ce_k + cost_d * l1_k) * act_d).sum()
 
                 opt.zero_grad(set_to_none=True)

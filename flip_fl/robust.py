@@ -145,13 +145,6 @@ def _column_chunks(n: int, d: int):
         yield slice(start, min(d, start + step))
 
 
-def _scalar(x: Any) -> Any:
-    """Convert numpy scalars to plain Python for JSON."""
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def _krum_scores(sq_dists: np.ndarray, num_neighbors: int) -> np.ndarray:
     """Sum of the ``num_neighbors`` smallest squared distances to OTHER rows."""
     n = sq_dists.shape[0]
@@ -183,7 +176,9 @@ def mean(U: Any, weights: Any = None) -> AggregationOutcome:
     )
 
 
-def krum(U: Any, num_malicious: int, multi_k: int = 1, weights: Any = None) -> AggregationOutcome:
+def krum(
+    U: Any, num_malicious: int, multi_k: int = 1, weights: Any = None, strict: bool = True
+) -> AggregationOutcome:
     """Krum / Multi-Krum (Blanchard et al., NeurIPS 2017).
 
     Score of client i = sum of squared L2 distances to its ``n - f - 2`` nearest other
@@ -193,6 +188,10 @@ def krum(U: Any, num_malicious: int, multi_k: int = 1, weights: Any = None) -> A
     average is unweighted (default); pass ``weights`` (num examples) to weight the selected
     updates like Flower's ``MultiKrum`` does.
 
+    ``strict=False`` relaxes the requirement to ``n >= f + 3`` (at least one neighbour), for
+    reproducing papers that ran Krum beyond its guarantee (e.g. 4 attackers among 10
+    sampled clients); Flower's Krum does not check at all.
+
     arrays: ``"scores"`` (n,) Krum scores, ``"scale"`` ones.
     info: ``num_selected``, ``num_neighbors``, ``num_malicious``.
     """
@@ -201,11 +200,13 @@ def krum(U: Any, num_malicious: int, multi_k: int = 1, weights: Any = None) -> A
     f = int(num_malicious)
     if f < 0:
         raise ValueError(f"num_malicious must be >= 0; got {num_malicious}")
-    if n <= 2 * f + 2:
+    if strict and n <= 2 * f + 2:
         raise ValueError(
             f"krum needs n_clients > 2*num_malicious + 2, i.e. num_malicious <= {(n - 3) // 2} "
-            f"for n_clients={n}; got num_malicious={f}"
+            f"for n_clients={n}; got num_malicious={f} (strict=False allows up to {n - 3})"
         )
+    if n < f + 3:
+        raise ValueError(f"krum needs num_malicious <= n_clients - 3 = {n - 3}; got num_malicious={f}")
     k = int(multi_k)
     if not 1 <= k <= n:
         raise ValueError(f"multi_k must be in [1, n_clients={n}]; got {multi_k}")

@@ -37,6 +37,7 @@ from flip_fl.config import Config, num_attackers, to_yaml  # noqa: E402
 from flip_fl.data import load_datasets  # noqa: E402
 from flip_fl.evaluation import GlobalEvaluator  # noqa: E402
 from flip_fl.models import build_model  # noqa: E402
+from flip_fl.plots import plot_run  # noqa: E402
 from flip_fl.results import RunRecorder  # noqa: E402
 from flip_fl.schema import ConfigError  # noqa: E402
 
@@ -166,7 +167,7 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
     from flwr.simulation import run_simulation  # imported late: it configures logging on import
 
     from flip_fl.client_app import app as client_app
-    from strategies import build_strategy
+    from strategies import build_strategy, evaluation_set
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     check_client_classes(cfg)
@@ -177,7 +178,7 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
         load_initial_state(cfg, model)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-    evaluator = GlobalEvaluator(cfg, test, device)
+    evaluator = GlobalEvaluator(cfg, evaluation_set(cfg, test), device)
     init_ray(cfg, ray_address)
 
     recorder = RunRecorder(out_dir, cfg, echo=echo)
@@ -229,4 +230,5 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
     recorder.save_model(outcome.final_state)
     model.load_state_dict(outcome.final_state)
     recorder.write_csv("threshold_sweep.csv", evaluator.sweep(model, SWEEP_THRESHOLDS))
+    plot_run(out_dir)
     return recorder.write_summary({"output_dir": str(out_dir)})

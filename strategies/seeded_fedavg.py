@@ -35,6 +35,15 @@ class RoundRecord:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def short_reason(reason: str) -> str:
+    """The client's own exception message out of a Flower/Ray error reason (which wraps tracebacks)."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason.rsplit(marker, 1)[1]
+    lines = [line.strip() for line in reason.strip().strip("'>").splitlines() if line.strip()]
+    return lines[0][:300] if lines else "unknown error"
+
+
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> ordered dict of numpy arrays."""
     return {k: v.numpy() for k, v in arrays.items()}
@@ -103,7 +112,7 @@ class SeededFedAvg(FedAvg):
         record.failed = sorted({self.partition_of[m.metadata.src_node_id] for m in replies if m.has_error()}
                                | (set(record.sampled) - answered))
         record.failures = len(record.failed)
-        record.errors = [m.error.reason for m in replies if m.has_error()][:5]
+        record.errors = [short_reason(m.error.reason) for m in replies if m.has_error()][:5]
         if not ok:
             reasons = "; ".join(record.errors) or f"no reply within resources.round_timeout ({self.cfg.resources.round_timeout:g}s)"
             raise RoundFailedError(f"round {server_round}: all {len(record.sampled)} sampled clients failed: {reasons}")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flip_fl.labels import ExpertSettings, checkpoint_steps, load_trajectory, train_expert
+from flip_fl.labels import AugmentSettings, ExpertSettings, checkpoint_steps, load_trajectory, train_expert
 from flip_fl.labels.common import PoisonedData, poison_source_indices
 from flip_fl.labels.toy import TinyCNN, prototype_dataset, stripe_trigger
 
@@ -69,6 +69,10 @@ def test_small_dataset_and_explicit_copies(tmp_path):
                           tmp_path, torch.Generator().manual_seed(0))
     # 10 + 25 = 35 items -> 3 steps per epoch
     assert expert.checkpoint_steps == [0, 6]
+    clean = train_expert(lambda: TinyCNN(1, NUM_CLASSES, 4), x, y, stripe_trigger(0.1), 1, 0,
+                         _settings(epochs=1, n_poison_copies=0), tmp_path / "clean",
+                         torch.Generator().manual_seed(0))
+    assert clean.checkpoint_steps == [0, 1]
 
 
 def test_poison_copies_and_poisoned_batch():
@@ -84,7 +88,6 @@ def test_poison_copies_and_poisoned_batch():
 
     x = torch.rand(6, 1, 4, 4) * 0.5
     data = PoisonedData(x, y, torch.tensor([4, 1]), lambda t: t + 0.25, target=2)
-    from flip_fl.labels import AugmentSettings
     xp, yp, xc, idx = data.batch(torch.tensor([0, 6, 7, 4]), AugmentSettings(enabled=False), g)
     assert idx.tolist() == [0, 4, 1, 4]
     assert yp.tolist() == [0, 2, 2, 1]

@@ -125,3 +125,22 @@ def test_optimize_labels_reduces_loss_and_keeps_trajectory(tmp_path):
     # per-batch checkpoint sampling over the whole trajectory runs too
     optimize_labels(model_fn, traj, x, y, trigger, 1, 3,
                     MatchSettings(passes=1, batch_size=64, checkpoint_per="batch"), g)
+
+
+def test_matching_loss_is_zero_without_poison_and_respects_frozen_params():
+    from flip_fl.labels.experts import Checkpoint
+    from flip_fl.labels.matching import _Start, matching_loss
+
+    model, opt = _stepped_model(0.9, True, 0.0, 2e-4)
+    ckpt = Checkpoint(3, copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    scratch = TinyCNN(2, 5, 4)
+    scratch[0].bias.requires_grad_(False)  # frozen: the real SGD step leaves it alone
+    scratch_opt = torch.optim.SGD(scratch.parameters(), lr=0.0)
+    start = _Start(ckpt, scratch, torch.device("cpu"))
+    assert "0.bias" not in start.params and "0.bias" in start.buffers
+    x, y = torch.rand(16, 2, 8, 8), torch.randint(0, 5, (16,))
+    loss = matching_loss(scratch, scratch_opt, start, x, y, x, F.one_hot(y, 5).float())
+    assert loss.item() < 1e-8
+    assert torch.equal(scratch[0].bias, ckpt.model_state["0.bias"])
+    loss = matching_loss(scratch, scratch_opt, start, x, y, x, torch.full((16, 5), 0.2))
+    assert loss.item() > 1e-3

@@ -114,6 +114,14 @@ def test_krum_validation():
         R.krum(U, 1, multi_k=7)
     with pytest.raises(ValueError, match="multi_k"):
         R.krum(U, 1, multi_k=0)
+    # strict=False: Flower-like, only needs one neighbour (n >= f + 3)
+    rng = np.random.default_rng(0)
+    V = rng.standard_normal((10, 3))
+    loose = R.krum(V, 4, strict=False)
+    assert loose.info["num_neighbors"] == 4
+    np.testing.assert_allclose(loose.delta, V[int(np.argmin(ref_krum_scores(V, 4)))])
+    with pytest.raises(ValueError, match="num_malicious"):
+        R.krum(V, 8, strict=False)
 
 
 # --------------------------------------------------------------------------- bulyan

@@ -124,6 +124,8 @@ class PoisonedData:
     def clean_index(self, items: Tensor) -> Tensor:
         n = len(self.x)
         items = items.to(self.x.device)
+        if len(self.copy_of) == 0:
+            return items
         return torch.where(items < n, items, self.copy_of[(items - n).clamp(min=0)])
 
     def batch(

@@ -152,9 +152,11 @@ class _Start:
 
     def __init__(self, ckpt: Checkpoint, model: nn.Module, device: torch.device):
         self.model_state = {k: v.to(device) for k, v in ckpt.model_state.items()}
-        pnames = [n for n, _ in model.named_parameters()]
-        self.params = {n: self.model_state[n] for n in pnames}
-        self.buffers = {n: self.model_state[n] for n in self.model_state if n not in pnames}
+        # Frozen parameters (requires_grad=False) travel with the buffers: the real optimizer
+        # never updates them, so the student must not either.
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = {n: self.model_state[n] for n in trainable}
+        self.buffers = {n: v for n, v in self.model_state.items() if n not in self.params}
         self.optimizer_state = ckpt.optimizer_state
         self.momentum = {n: (b.to(device) if b is not None else None)
                          for n, b in momentum_buffers(model, ckpt.optimizer_state).items()}

@@ -1,0 +1,140 @@
+"""The base of every defense strategy: timing, client update matrices and detection metrics.
+
+A defense is a `SeededFedAvg` (same sampling, roles, failure accounting, evaluation and server
+learning rate) whose `aggregate_rule` returns the aggregate model and, for rules that accept, reject
+or reweight clients, a `Decision`. The decision is compared with the clients that attacked in the
+round and written into that round's metrics line (`RoundRecord.extra`):
+
+- `defense_clients`: partition ids of the aggregated replies (sorted), the order of every list below;
+- `defense_weights`: each client's coefficient in the aggregate; `defense_scales`: per-client
+  rescaling (norm clipping) when the rule applies one;
+- `defense_kept` / `defense_rejected`: partition ids, for rules that decide per client;
+- `detection_tp/fp/fn/tn/precision/recall/f1/rejection_rate/false_positive_rate`: rejection seen as
+  detection of the attacking clients (`flip_fl.robust.detection_scores`; positive = rejected);
+- `defense_attacker_weight`: total weight the attacking clients got (null without attackers);
+- `defense_<key>`: the rule's scalar diagnostics (clip norm, cluster size, flipped coordinates...);
+- `aggregation_seconds`: wall time of the aggregation rule itself (the defense's server cost).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from flip_fl.config import Config, max_attackers_per_round
+from flip_fl.robust import bn_statistic_mask, detection_scores, flatten_state, unflatten
+from strategies.seeded_fedavg import SeededFedAvg, arrays_to_numpy, numpy_to_arrays
+
+
+@dataclass
+class Decision:
+    """How a rule treated each aggregated client, aligned with the (sorted) replies."""
+
+    weights: np.ndarray | None = None
+    kept: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def assumed_malicious(cfg: Config) -> int:
+    """f for Krum, Multi-Krum and Bulyan: defense.num_malicious, or the most attackers due in one round."""
+    return cfg.defense.num_malicious if cfg.defense.num_malicious is not None else max_attackers_per_round(cfg)
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
+def detection_fields(clients: list[int], attacking: list[int], decision: Decision) -> dict[str, Any]:
+    """The metrics-line fields of one round's decision (see the module docstring)."""
+    bad = np.array([pid in set(attacking) for pid in clients], dtype=bool)
+    out: dict[str, Any] = {"defense_clients": list(clients)}
+    if decision.weights is not None:
+        w = np.asarray(decision.weights, dtype=np.float64)
+        out["defense_weights"] = [round(float(v), 6) for v in w]
+        out["defense_attacker_weight"] = float(w[bad].sum()) if bad.any() else None
+    if decision.scales is not None:
+        out["defense_scales"] = [round(float(v), 6) for v in decision.scales]
+    if decision.kept is not None:
+        kept = np.asarray(decision.kept, dtype=bool)
+        out["defense_kept"] = [pid for pid, k in zip(clients, kept) if k]
+        out["defense_rejected"] = [pid for pid, k in zip(clients, kept) if not k]
+        scores = detection_scores(kept, bad)
+        out.update({f"detection_{k}": v for k, v in scores.items()
+                    if k not in ("num_rejected", "num_malicious")})
+    out.update({f"defense_{k}": _json_scalar(v) for k, v in decision.info.items()})
+    return out
+
+
+class DefenseStrategy(SeededFedAvg):
+    """SeededFedAvg plus timing and detection metrics; subclasses supply `aggregate_rule`.
+
+    Plain FedAvg is this class itself: Flower's (weighted) mean, no decision.
+    """
+
+    name: ClassVar[str] = "fedavg"
+
+    def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        record = self.rounds[server_round]
+        clients = [self.partition_of[m.metadata.src_node_id] for m in replies]
+        evidence = self.collect_evidence(replies)
+        start = time.perf_counter()
+        aggregate, metrics, decision = self.aggregate_rule(server_round, replies)
+        record.extra["aggregation_seconds"] = time.perf_counter() - start
+        if decision is None:
+            decision = self.explain(evidence)
+        if decision is not None:
+            record.extra.update(detection_fields(clients, record.attacking, decision))
+        return aggregate, metrics
+
+    def aggregate_rule(self, server_round: int,
+                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        """The aggregate client model, the train metrics and the decision (Flower's rule via the MRO)."""
+        aggregate, metrics = super().aggregate_models(server_round, replies)
+        return aggregate, metrics, None
+
+    def collect_evidence(self, replies: list[Message]) -> Any:
+        """Untimed: what `explain` needs, read before a Flower rule consumes the replies."""
+        return None
+
+    def explain(self, evidence: Any) -> Decision | None:
+        """Untimed: the decision of a rule whose `aggregate_rule` does not report one."""
+        return None
+
+    # ---- helpers for rules on client updates (delta_i = local_i - global)
+
+    def client_updates(self, replies: list[Message]) -> np.ndarray:
+        """The float64 update matrix (n_clients, d), entries in the global state's key order."""
+        keys = list(self.global_state)
+        states = [arrays_to_numpy(m.content[self.arrayrecord_key]) for m in replies]
+        return flatten_state(states, keys) - flatten_state([self.global_state], keys)[0]
+
+    def model_from_delta(self, delta: np.ndarray) -> ArrayRecord:
+        """global + delta as an ArrayRecord (float64 for float entries, so no rounding before the server lr)."""
+        template = {k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v
+                    for k, v in self.global_state.items()}
+        base = flatten_state([self.global_state], list(template))[0]
+        return numpy_to_arrays(unflatten(base + delta, template))
+
+    def parameter_mask(self) -> np.ndarray:
+        """True on trained parameters, False on BatchNorm statistics (aligned with `client_updates`)."""
+        return ~bn_statistic_mask(self.global_state)
+
+    def example_weights(self, replies: list[Message]) -> np.ndarray:
+        """Each reply's aggregation weight under `server.weighted` (num-examples or 1)."""
+        return np.array([float(next(iter(m.content.metric_records.values()))[self.weighted_by_key])
+                         for m in replies])
+
+    def train_metrics(self, replies: list[Message]) -> MetricRecord | None:
+        """Flower's aggregate of the replies' MetricRecords (as FedAvg reports it)."""
+        return self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)

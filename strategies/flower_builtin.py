@@ -1,0 +1,117 @@
+"""Defenses whose aggregation is Flower's own strategy, placed next to SeededFedAvg in the MRO.
+
+Flower aggregates client MODELS; Krum distances, coordinate medians and trimmed means are
+translation invariant, so on models they equal global + (the same rule on the updates).
+Detection: the Krum family's selection is read from the contents Flower hands to its metrics
+aggregation (exactly the selected replies); for the coordinate-wise rules the per-client weight is
+the share of coordinates taken from that client, computed with `flip_fl.robust` outside the timing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from flip_fl import robust
+from flip_fl.config import Config
+from strategies.defense import Decision, DefenseStrategy, assumed_malicious
+from strategies.seeded_fedavg import numpy_to_arrays
+
+
+class _SelectionDefense(DefenseStrategy):
+    """Records which reply contents Flower's rule selected (Krum, Multi-Krum, Bulyan)."""
+
+    def __init__(self, cfg: Config, node_partitions: dict[int, int], base_config: dict[str, str],
+                 **kwargs: Any) -> None:
+        self.num_assumed = assumed_malicious(cfg)
+        super().__init__(cfg, node_partitions, base_config, num_malicious_nodes=self.num_assumed, **kwargs)
+        self.train_metrics_aggr_fn = self._metrics_of_selected
+        self._selected: set[int] = set()
+
+    def _metrics_of_selected(self, contents: list[RecordDict], weighting_key: str) -> MetricRecord:
+        self._selected = {id(c) for c in contents}
+        return aggregate_metricrecords(contents, weighting_key)
+
+    def aggregate_rule(self, server_round: int,
+                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        self._selected = set()
+        aggregate, metrics, _ = super().aggregate_rule(server_round, replies)
+        kept = np.array([id(m.content) in self._selected for m in replies])
+        return aggregate, metrics, Decision(weights=self.selection_weights(replies, kept), kept=kept,
+                                            info={"num_malicious": self.num_assumed})
+
+    def selection_weights(self, replies: list[Message], kept: np.ndarray) -> np.ndarray | None:
+        """Coefficients of the selected replies in Flower's (weighted) average."""
+        w = np.where(kept, self.example_weights(replies), 0.0)
+        return w / w.sum()
+
+
+class KrumDefense(_SelectionDefense, Krum):
+    """Krum (Blanchard et al. 2017): the single update closest to its n - f - 2 neighbours."""
+
+    name = "krum"
+
+
+class MultiKrumDefense(_SelectionDefense, MultiKrum):
+    """Multi-Krum: the (example-weighted) mean of the m lowest-scoring updates (m = n - f by default)."""
+
+    name = "multikrum"
+
+    def aggregate_rule(self, server_round: int,
+                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        n = len(replies)
+        wanted = self.cfg.defense.multikrum_select
+        self.num_nodes_to_select = max(1, min(n, wanted if wanted is not None else n - self.num_assumed))
+        return super().aggregate_rule(server_round, replies)
+
+
+class BulyanDefense(_SelectionDefense, Bulyan):
+    """Bulyan (El Mhamdi et al. 2018) as Flower implements it: one-shot Multi-Krum selection of
+    theta = n - 2f updates, then per coordinate the mean of the beta = theta - 2f values closest to
+    the median. A round with fewer than 4f + 3 replies (client failures) keeps the global model."""
+
+    name = "bulyan"
+
+    def aggregate_rule(self, server_round: int,
+                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        if len(replies) < 4 * self.num_assumed + 3:
+            kept = np.zeros(len(replies), dtype=bool)
+            return (numpy_to_arrays(self.global_state), self.train_metrics(replies),
+                    Decision(kept=kept, info={"num_malicious": self.num_assumed, "skipped": True}))
+        aggregate, metrics, decision = super().aggregate_rule(server_round, replies)
+        assert decision is not None
+        decision.weights = None  # coordinate-wise: `kept` (the theta selected) is the client-level decision
+        decision.info["skipped"] = False
+        return aggregate, metrics, decision
+
+
+class MedianDefense(DefenseStrategy, FedMedian):
+    """Coordinate-wise median (Yin et al. 2018), Flower's FedMedian (unweighted)."""
+
+    name = "median"
+
+    def collect_evidence(self, replies: list[Message]) -> np.ndarray:
+        return self.client_updates(replies)
+
+    def explain(self, evidence: np.ndarray) -> Decision:
+        return Decision(weights=robust.coordinate_median(evidence).weights)
+
+
+class TrimmedMeanDefense(DefenseStrategy, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg with beta = defense.trim_beta."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, cfg: Config, node_partitions: dict[int, int], base_config: dict[str, str]) -> None:
+        super().__init__(cfg, node_partitions, base_config, beta=cfg.defense.trim_beta)
+
+    def collect_evidence(self, replies: list[Message]) -> np.ndarray:
+        return self.client_updates(replies)
+
+    def explain(self, evidence: np.ndarray) -> Decision:
+        outcome = robust.trimmed_mean(evidence, self.cfg.defense.trim_beta)
+        return Decision(weights=outcome.weights, info={"num_trimmed_per_side": outcome.info["num_trimmed_per_side"]})

@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny synthetic config and a runner for real Flower + Ray simulations."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tiny import tiny_config
+
+@pytest.fixture
+def run_sim(tmp_path: Path) -> Callable[..., tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Run a real simulation through Flower and Ray; returns (summary, metrics rows)."""
+    from flip_fl.simulation import run
+
+    def _run(*overrides: str, name: str = "run", base: dict[str, Any] | None = None):
+        out = tmp_path / name
+        summary = run(tiny_config(*overrides, base=base), out, echo=False)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return summary, rows
+
+    return _run

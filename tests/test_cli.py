@@ -1,0 +1,43 @@
+"""The command line contract: exit codes and one-line errors (run as a user would, in a subprocess)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sim.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config", "configs/quickstart.yaml", "--set", "federation.num_client=3"],
+     "error: federation.num_client: unknown key; did you mean 'num_clients'?"),
+    (["--config", "configs/quickstart.yaml", "--set", "client.lr=fast"], "error: client.lr: expected a number"),
+    (["--config", "configs/quickstart.yaml", "--set", "attack.num_malicious=30"], "error: attack.num_malicious: 30 exceeds"),
+    (["--config", "configs/quickstart.yaml", "--set", "clients.benign=flip_fl.config.Config"],
+     "error: clients.benign: flip_fl.config.Config does not subclass flip_fl.client.BaseClient"),
+    (["--config", "configs/quickstart.yaml", "--set", "clients.benign=nowhere.Client"],
+     "error: clients.benign: cannot import module 'nowhere'"),
+    (["--config", "configs/quickstart.yaml", "--set", "data.name=mnist", "--set", "data.root=/nonexistent/flipfl"],
+     "error: data.root: no mnist files found at /nonexistent/flipfl/MNIST/raw"),
+    (["--config", "configs/quickstart.yaml", "--set", "server.initial_model=/nonexistent.pt"],
+     "error: server.initial_model: file not found"),
+    (["--config", "no/such.yaml"], "error: no/such.yaml: config file not found"),
+    (["--config"], "error: argument --config: expected one argument"),
+])
+def test_bad_input_exits_2_with_one_line(args, expected):
+    result = sim(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_docs_command_prints_the_reference():
+    result = sim("config-docs")
+    assert result.returncode == 0 and "| `attack.target_label` |" in result.stdout

@@ -1,0 +1,64 @@
+"""Synthetic data, real-loader errors and partitioning."""
+
+import numpy as np
+import pytest
+import torch
+
+from flip_fl.data import load_torchvision, make_synthetic, partition_dirichlet, partition_iid
+from flip_fl.schema import ConfigError
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_synthetic_shapes_and_determinism(channels, size):
+    train, test = make_synthetic(3, channels, size, 500, 100, 0.2)
+    again, _ = make_synthetic(3, channels, size, 500, 100, 0.2)
+    other, _ = make_synthetic(4, channels, size, 500, 100, 0.2)
+    assert train.images.shape == (500, channels, size, size) and train.images.dtype == torch.uint8
+    assert len(test) == 100 and train.num_classes == 10
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert not torch.equal(train.images, other.images)
+    assert sorted(torch.bincount(train.labels).tolist()) == [50] * 10
+    x, _ = train.batch(np.arange(4))
+    assert x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_synthetic_is_not_trivially_separable():
+    """Nearest class mean on raw pixels stays well below what a CNN reaches (> 0.9)."""
+    train, test = make_synthetic(0, 1, 28, 2000, 500, 0.2)
+    xtr, ytr = train.batch(np.arange(len(train)))
+    xte, yte = test.batch(np.arange(len(test)))
+    means = torch.stack([xtr[ytr == c].mean(0) for c in range(10)]).flatten(1)
+    pred = torch.cdist(xte.flatten(1), means).argmin(1)
+    accuracy = float((pred == yte).float().mean())
+    assert 0.2 < accuracy < 0.85
+
+
+def test_missing_torchvision_files_name_the_root(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_torchvision("mnist", str(tmp_path), download=False)
+    message = str(info.value)
+    assert message.startswith("data.root: no mnist files found at") and str(tmp_path) in message
+    assert "data.download: true" in message
+
+
+def test_iid_partition_sizes_and_determinism():
+    parts = partition_iid(103, 10, seed=1)
+    assert sorted(len(p) for p in parts) == [10] * 7 + [11] * 3
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(103))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partition_iid(103, 10, seed=1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, partition_iid(103, 10, seed=2)))
+
+
+def test_dirichlet_partition_covers_all_and_is_skewed():
+    labels = np.repeat(np.arange(10), 200)
+    skewed = partition_dirichlet(labels, 20, alpha=0.1, seed=0)
+    uniform = partition_dirichlet(labels, 20, alpha=1000.0, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(skewed)), np.arange(2000))
+    assert all(len(p) >= 1 for p in skewed)
+
+    def mean_max_share(parts):
+        return np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in parts])
+
+    assert mean_max_share(skewed) > 0.5 > 0.2 > mean_max_share(uniform)
+    again = partition_dirichlet(labels, 20, alpha=0.1, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(skewed, again))
