@@ -117,6 +117,57 @@ class DefenseConfig:
 
 
 @dataclass
+class FlipConfig:
+    """FLIP defense on benign clients (clients.FlipDefenseClient); defaults are the paper's MNIST values (docs/FLIP.md)."""
+
+    harden: bool = key(True, "Invert triggers and harden against them; false: FlipDefenseClient trains exactly like BenignClient (the 'without hardening' ablation).")
+    warmup_steps: int = key(400, "Steps of the universal warm-up inversion (every target at once) on a client's first selection (MNIST 400, F-MNIST 600, CIFAR-10 600).", ge=0)
+    samples_per_class: int = key(5, "Local images per class used by the warm-up inversion (the official code uses 1).", ge=1)
+    pair_steps: int = key(200, "Inversion steps on the first batch of a selected (source, target) pair (MNIST 200, F-MNIST 400, CIFAR-10 200).", ge=1)
+    repeat_steps: int = key(50, "Inversion steps on the following batches of the same pair, warm-started from its last trigger (MNIST 50, F-MNIST 100, CIFAR-10 50).", ge=1)
+    pair_every: int = key(2, "Batches per selected pair: a new pair is chosen every pair_every batches (all datasets 2).", ge=1)
+    explore: float = key(0.3, "Probability of picking a random pair instead of the most promising one (smallest known trigger; all datasets 0.3).", ge=0.0, le=1.0)
+    symmetric: bool = key(True, "Invert s->t and t->s together when both classes are in the batch (false: only s->t).")
+    init_cost: float = key(1e-3, "Initial weight of the mask L1 term of the inversion loss, adapted during the run (all datasets 1e-3).", ge=0.0)
+    reinit_noise: float = key(0.01, "Each time an inversion improves its best trigger it restarts from it plus uniform noise of this half-width (official 0.01; 0: no restart, converges faster on short runs).", ge=0.0)
+    success_threshold: float = key(0.9, "Fraction of stamped images classified as the target for an inverted trigger to count (MNIST and F-MNIST 0.9, CIFAR-10 0.85).", gt=0.0, le=1.0)
+    max_mask_fraction: float = key(0.125, "Inverted triggers whose mask L1 exceeds this fraction of H*W are discarded (MNIST and F-MNIST 1/8, CIFAR-10 1/4).", gt=0.0, le=1.0)
+    portion: float = key(0.5, "Fraction of the eligible images of a batch stamped with the inverted triggers, true labels kept (MNIST 0.5, F-MNIST 0.6, CIFAR-10 0.9).", gt=0.0, le=1.0)
+    lr: float = key(0.01, "Adam learning rate of hardening, re-created every round (MNIST and F-MNIST 1e-2, CIFAR-10 1e-3).", gt=0.0)
+    betas: list[float] = key([0.5, 0.9], "Adam betas of hardening (all datasets [0.5, 0.9]).")
+    local_epochs: int = key(10, "Local epochs of hardening (MNIST 10, F-MNIST 5, CIFAR-10 8), cut short by max_batches.", ge=1)
+    max_batches: int | None = key(110, "Cap on the batches a FLIP client goes through per round, trained or skipped (all datasets 110; null: no cap).", ge=1)
+    batch_size: int | None = key(None, "Hardening minibatch size (null: client.batch_size; the official code uses 64 MNIST, 128 F-MNIST and CIFAR-10).", ge=1)
+    max_cached_triggers: int = key(100, "Most pair triggers a client keeps across rounds (least recently inverted dropped first); universal ones are always kept.", ge=0)
+
+
+@dataclass
+class LabelsConfig:
+    source: int = key(-1, "Source class whose triggered images should go to attack.target_label (-1: every class).", ge=-1)
+    num_experts: int = key(1, "Expert trajectories to train (the FLIP label paper uses up to 50; 1 gives most of the effect).", ge=1)
+    expert_epochs: int = key(20, "Epochs of each expert.", ge=1)
+    expert_lr: float = key(0.1, "Expert SGD learning rate (Nesterov momentum 0.9).", gt=0.0)
+    expert_weight_decay: float = key(2e-4, "Expert SGD weight decay.", ge=0.0)
+    batch_size: int = key(256, "Minibatch size of experts, label matching and user models.", ge=1)
+    checkpoint_every: int = key(50, "Save expert model and optimizer state every k minibatches.", ge=1)
+    poison_copies: int | None = key(None, "Triggered source-class copies added to the expert's data (null: dataset size / classes).", ge=0)
+    augment: bool = key(True, "Random crop (pad 4) and horizontal flip in expert, matching and user training.")
+    trajectory_fraction: list[float] = key([0.0, 1.0], "Part [lo, hi] of each expert trajectory (fractions of its steps) used for matching.")
+    label_runs: int = key(1, "Independent label optimisations aggregated (worst-case margin) when selecting flips.", ge=1)
+    passes: int = key(15, "Passes over the data in trajectory matching (the paper: 25; official code 15).", ge=1)
+    label_lr: float = key(150.0, "SGD learning rate of the label logits.", gt=0.0)
+    label_momentum: float = key(0.5, "SGD momentum of the label logits.", ge=0.0, lt=1.0)
+    budgets: list[int | float] = key([150, 300, 500, 1000, 1500], "Flip budgets: counts (int) or fractions of the training set (float in (0, 1)).")
+    random_baseline: bool = key(True, "Also train user models on the same number of random flips to the target.")
+    user_epochs: int = key(200, "Epochs of each user model.", ge=1)
+    user_lr: float = key(0.1, "User-model SGD learning rate (Nesterov momentum 0.9, lr x0.1 at 3/8 and 5/8 of training).", gt=0.0)
+    soft: bool = key(False, "Train user models on soft labels softmax(alpha*onehot + (1-alpha)*logits) (distillation) instead of hard flips.")
+    alpha: float = key(0.5, "Soft-label mixing alpha (labels.soft only).", ge=0.0, le=1.0)
+    label_file: str | None = key(None, "clients.FlipLabelClient: .npy of labels for the whole training set (by sample id) from a pipeline run; null: each attacker computes its own.")
+    client_budget: int | float = key(0.1, "clients.FlipLabelClient computing its own labels: flips as a count or a fraction of its local data.")
+
+
+@dataclass
 class ResourcesConfig:
     num_cpus: float = key(1.0, "CPUs per client actor.", gt=0.0)
     num_gpus: float = key(0.0, "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.", ge=0.0)
@@ -135,6 +186,8 @@ class Config:
     server: ServerConfig = section(ServerConfig, "Aggregation and evaluation on the server.")
     attack: AttackConfig = section(AttackConfig, "Malicious clients and their backdoor.")
     defense: DefenseConfig = section(DefenseConfig, "Defenses.")
+    flip: FlipConfig = section(FlipConfig, "FLIP trigger inversion and hardening on benign clients (clients.FlipDefenseClient).")
+    labels: LabelsConfig = section(LabelsConfig, "FLIP label-only attack: experts, trajectory matching, flips, user models (sim.py labels) and clients.FlipLabelClient.")
     resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and the watchdog.")
 
 
@@ -276,6 +329,28 @@ def validate(cfg: Config) -> None:
     if defense.name == "fltrust" and cfg.data.name == "synthetic" and defense.root_size >= cfg.data.synthetic.test_size:
         raise ConfigError(f"defense.root_size: {defense.root_size} root images cannot be held out of "
                           f"data.synthetic.test_size = {cfg.data.synthetic.test_size}")
+    flip = cfg.flip
+    if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
+        raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
+
+    validate_labels(cfg, num_classes)
+
+
+def validate_labels(cfg: Config, num_classes: int) -> None:
+    """Rules of the labels.* section."""
+    labels = cfg.labels
+    if labels.source >= num_classes or labels.source == cfg.attack.target_label:
+        raise ConfigError(f"labels.source: {labels.source} must be -1 or a class of {cfg.data.name} "
+                          f"other than attack.target_label ({cfg.attack.target_label})")
+    lo_hi = labels.trajectory_fraction
+    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+        raise ConfigError(f"labels.trajectory_fraction: {lo_hi} must be [lo, hi] with 0 <= lo < hi <= 1")
+    for i, budget in enumerate(labels.budgets + [labels.client_budget]):
+        where = f"labels.budgets[{i}]" if i < len(labels.budgets) else "labels.client_budget"
+        if isinstance(budget, float) and not 0.0 < budget < 1.0:
+            raise ConfigError(f"{where}: {budget} must be a count (integer) or a fraction in (0, 1)")
+        if isinstance(budget, int) and budget < 1:
+            raise ConfigError(f"{where}: {budget} must be at least 1")
 
 
 def num_attackers(cfg: Config) -> int:

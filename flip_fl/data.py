@@ -214,9 +214,12 @@ def _partitions(keyed: _Keyed, scheme: tuple) -> list[np.ndarray]:
     return partition(keyed.cfg, _load(keyed)[0])
 
 
+def client_indices(cfg: Config, partition_id: int) -> np.ndarray:
+    """Training-set sample ids of one client's partition (cached per process)."""
+    scheme = (cfg.data.partition, cfg.data.alpha, cfg.federation.num_clients, cfg.seed)
+    return _partitions(_Keyed(cfg), scheme)[partition_id]
+
+
 def client_dataset(cfg: Config, partition_id: int) -> ImageDataset:
     """The local training data of one client (cached per process)."""
-    keyed = _Keyed(cfg)
-    scheme = (cfg.data.partition, cfg.data.alpha, cfg.federation.num_clients, cfg.seed)
-    indices = _partitions(keyed, scheme)[partition_id]
-    return _load(keyed)[0].subset(indices)
+    return _load(_Keyed(cfg))[0].subset(client_indices(cfg, partition_id))

@@ -156,8 +156,17 @@ class TriggerCache:
             if s != target:
                 self.mask_sizes[s, target] = float(size)
         if mask is not None and pattern is not None and np.isfinite(size):
-            self.masks[(int(source), int(target))] = _np32(mask)
-            self.patterns[(int(source), int(target))] = _np32(pattern)
+            key = (int(source), int(target))
+            self.masks.pop(key, None)  # re-insert: the dicts stay ordered from least to most recently stored
+            self.patterns.pop(key, None)
+            self.masks[key] = _np32(mask)
+            self.patterns[key] = _np32(pattern)
+
+    def prune(self, max_pairs: int) -> None:
+        """Keep at most ``max_pairs`` pair triggers (the most recently stored); universal ones stay."""
+        pairs = [k for k in self.masks if k[0] != UNIVERSAL]
+        for k in pairs[: max(len(pairs) - max_pairs, 0)]:
+            del self.masks[k], self.patterns[k]
 
     def get_trigger(self, source: int, target: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Cached trigger for (source, target), falling back to the universal one of target."""
@@ -215,8 +224,8 @@ class TriggerCache:
 
     # ------------------------------------------------------------------ persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict of numpy arrays (e.g. for ``np.savez`` or a Flower ``ArrayRecord``)."""
-        keys = sorted(self.masks)
+        """Flat dict of numpy arrays (e.g. for ``np.savez`` or a Flower ``ArrayRecord``), in storage order."""
+        keys = list(self.masks)
         out: dict[str, np.ndarray] = {
             "num_classes": np.asarray(self.num_classes, dtype=np.int64),
             "mask_sizes": self.mask_sizes.copy(),
@@ -234,8 +243,8 @@ class TriggerCache:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "TriggerCache":
         keys = [tuple(int(v) for v in k) for k in np.asarray(arrays["keys"]).reshape(-1, 2)]
-        masks = {k: np.array(arrays["masks"][i]) for i, k in enumerate(keys)}
-        patterns = {k: np.array(arrays["patterns"][i]) for i, k in enumerate(keys)}
+        masks = {k: np.array(arrays["masks"][i], dtype=np.float32) for i, k in enumerate(keys)}
+        patterns = {k: np.array(arrays["patterns"][i], dtype=np.float32) for i, k in enumerate(keys)}
         return cls(
             num_classes=int(arrays["num_classes"]),
             mask_sizes=np.array(arrays["mask_sizes"], dtype=np.float64),

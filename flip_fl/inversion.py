@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -131,8 +131,8 @@ class InversionResult:
     success: Tensor
     mask_l1: Tensor
     attack_success_rate: Tensor
-    oversized: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    final_cost: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    oversized: Tensor
+    final_cost: Tensor
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])

@@ -64,11 +64,10 @@ def plot_run(run_dir: Path) -> Path:
         det.set_ylabel("defense")
     axes[0].set_ylabel("rate")
     defense, mode = cfg.get("defense", {}).get("name", "?"), cfg.get("attack", {}).get("mode", "?")
-    axes[0].set_title(f"{run_dir.name}: defense {defense}, attack {mode}", fontsize=9)
+    axes[0].set_title(f"defense {defense}, attack {mode}" + (f", tau {tau:g}" if tau > 0 else ""), fontsize=10)
+    last = max((r["round"] for r in rows), default=1)
     for ax in axes:
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
+        _round_axis(ax, last)
         if ax.lines:
             ax.legend(fontsize=7, loc="best")
     path = run_dir / "curves.png"
@@ -98,14 +97,23 @@ def plot_comparison(curves: dict[str, dict[str, Sequence[Sequence[float]]]], pat
     acc_ax.set_title(title, fontsize=10)
     acc_ax.set_ylabel("clean accuracy")
     asr_ax.set_ylabel("attack success rate")
+    last = max((len(s) - 1 for series in curves.values() for runs in series.values() for s in runs), default=1)
     for ax in (acc_ax, asr_ax):
-        ax.set_xlabel("round")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
+        _round_axis(ax, last)
     if acc_ax.lines:
         acc_ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.savefig(path, dpi=110)
     return path
+
+
+def _round_axis(ax: Any, last: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(-0.3, max(last, 1) + 0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
 
 
 def _colors(n: int) -> list[Any]:

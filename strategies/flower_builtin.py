@@ -2,6 +2,9 @@
 
 Flower aggregates client MODELS; Krum distances, coordinate medians and trimmed means are
 translation invariant, so on models they equal global + (the same rule on the updates).
+The Krum family selects on the trained parameters only: BatchNorm statistics (running mean/var and
+the batch counters, which differ by the number of local steps and would dominate the distances) are
+left out of what Flower sees and averaged over the selected clients afterwards.
 Detection: the Krum family's selection is read from the contents Flower hands to its metrics
 aggregation (exactly the selected replies); for the coordinate-wise rules the per-client weight is
 the share of coordinates taken from that client, computed with `flip_fl.robust` outside the timing.
@@ -12,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -38,13 +41,25 @@ class _SelectionDefense(DefenseStrategy):
 
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        stats = [k for k in self.global_state if k.rsplit(".", 1)[-1] in robust.BN_STATISTIC_SUFFIXES]
+        views = [self._without(m, stats) for m in replies] if stats else replies
         self._selected = set()
-        aggregate, metrics, _ = super().aggregate_rule(server_round, replies)
-        kept = np.array([id(m.content) in self._selected for m in replies])
-        return aggregate, metrics, Decision(weights=self.selection_weights(replies, kept), kept=kept,
-                                            info={"num_malicious": self.num_assumed})
+        aggregate, metrics, _ = super().aggregate_rule(server_round, views)
+        kept = np.array([id(m.content) in self._selected for m in views])
+        weights = self.selection_weights(replies, kept)
+        for key in stats:
+            values = [m.content[self.arrayrecord_key][key].numpy().astype(np.float64) for m in replies]
+            aggregate[key] = Array(np.asarray(sum(w * v for w, v in zip(weights, values) if w > 0)))
+        return aggregate, metrics, Decision(weights=weights, kept=kept, info={"num_malicious": self.num_assumed})
 
-    def selection_weights(self, replies: list[Message], kept: np.ndarray) -> np.ndarray | None:
+    def _without(self, reply: Message, keys: list[str]) -> Message:
+        """A view of `reply` whose model lacks `keys` (the Array objects are shared, not copied)."""
+        content = RecordDict(dict(reply.content.items()))
+        arrays = reply.content[self.arrayrecord_key]
+        content[self.arrayrecord_key] = ArrayRecord({k: v for k, v in arrays.items() if k not in keys})
+        return Message(content, metadata=reply.metadata)
+
+    def selection_weights(self, replies: list[Message], kept: np.ndarray) -> np.ndarray:
         """Coefficients of the selected replies in Flower's (weighted) average."""
         w = np.where(kept, self.example_weights(replies), 0.0)
         return w / w.sum()
@@ -84,7 +99,7 @@ class BulyanDefense(_SelectionDefense, Bulyan):
                     Decision(kept=kept, info={"num_malicious": self.num_assumed, "skipped": True}))
         aggregate, metrics, decision = super().aggregate_rule(server_round, replies)
         assert decision is not None
-        decision.weights = None  # coordinate-wise: `kept` (the theta selected) is the client-level decision
+        decision.weights = None  # coordinate-wise on the theta selected: `kept` is the client-level decision
         decision.info["skipped"] = False
         return aggregate, metrics, decision
 

@@ -1,11 +1,13 @@
 """Defenses written here on top of the numpy rules in `flip_fl.robust`.
 
-Each rule sees the update matrix U (delta_i = local_i - global, one row per sorted reply) and returns
-an aggregate update; the strategy hands back global + delta, so SeededFedAvg applies the same server
-learning rate as everywhere else: global += server.lr * delta. Noise is specified as the std that
-reaches the global model (the rules add it to the delta, hence the division by server.lr).
-BatchNorm statistics are excluded from similarity measures (FoolsGold, FLAME), from RLR's sign vote
-and from noise; they are still averaged like everything else.
+Each rule sees the update matrix of the trained parameters (delta_i = local_i - global, one row per
+sorted reply) and returns an aggregate update and per-client weights. BatchNorm statistics (running
+mean/var, batch counters) are not updates of trained weights -- the counters alone would dominate
+norms and cosines -- so they never enter a rule: their aggregate is the weighted mean of the clients'
+statistics with the rule's weights (a rejected client contributes nothing). The strategy hands back
+global + delta, so SeededFedAvg applies the same server learning rate as everywhere else:
+global += server.lr * delta. Noise is specified as the std that reaches the global model (the rules
+add it to the delta, hence the division by server.lr) and only touches trained parameters.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from strategies.defense import Decision, DefenseStrategy, assumed_malicious
 
 
 class DeltaDefense(DefenseStrategy):
-    """A rule on the update matrix; subclasses implement `rule`."""
+    """A rule on the trained parameters' updates; subclasses implement `rule`."""
 
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
         updates = self.client_updates(replies)
-        delta, decision = self.rule(server_round, replies, updates)
+        params = self.parameter_mask()
+        delta = np.zeros(updates.shape[1])
+        delta[params], decision = self.rule(server_round, replies, updates[:, params])
+        assert decision.weights is not None
+        delta[~params] = decision.weights @ updates[:, ~params]
         return self.model_from_delta(delta), self.train_metrics(replies), decision
 
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
+        """(aggregate update, decision with per-client weights) from the parameter update matrix."""
         raise NotImplementedError
 
     def rng(self, server_round: int) -> np.random.Generator:
@@ -78,7 +85,7 @@ class WeakDPDefense(DeltaDefense):
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
         d = self.cfg.defense
         out = robust.weak_dp(updates, clip_bound(self.cfg, updates), d.noise_std / self.cfg.server.lr,
-                             self.rng(server_round), self.example_weights(replies), noise_mask=self.parameter_mask())
+                             self.rng(server_round), self.example_weights(replies))
         out.info["noise_std"] = d.noise_std
         return out.delta, _decision(out, scales=True)
 
@@ -106,20 +113,18 @@ class FoolsGoldDefense(DeltaDefense):
         super().__init__(cfg, node_partitions, base_config)
         self.history: dict[int, np.ndarray] = {}
 
-    def feature_mask(self) -> np.ndarray:
-        """Compared coordinates: all trained parameters, or those of the output layer."""
-        mask = self.parameter_mask()
+    def feature_mask(self) -> np.ndarray | None:
+        """Compared parameter coordinates: all (None), or those of the output layer."""
         if self.cfg.defense.foolsgold_features == "all":
-            return mask
-        params = [k for k, v in self.global_state.items()
-                  if np.issubdtype(v.dtype, np.floating) and not k.endswith(robust.BN_STATISTIC_SUFFIXES)]
+            return None
+        params = [k for k in self.global_state if k.rsplit(".", 1)[-1] not in robust.BN_STATISTIC_SUFFIXES]
         layer = params[-1].rsplit(".", 1)[0] + "."
-        return np.concatenate([np.full(v.size, k.startswith(layer)) for k, v in self.global_state.items()])
+        return np.concatenate([np.full(self.global_state[k].size, k.startswith(layer)) for k in params])
 
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
         clients = [self.partition_of[m.metadata.src_node_id] for m in replies]
         mask = self.feature_mask()
-        width = int(mask.sum())
+        width = updates.shape[1] if mask is None else int(mask.sum())
         history = np.stack([self.history.get(pid, np.zeros(width, dtype=np.float32)) for pid in clients])
         out = robust.foolsgold(updates, history, confidence=self.cfg.defense.foolsgold_confidence,
                                similarity_mask=mask)
@@ -138,8 +143,7 @@ class RLRDefense(DeltaDefense):
         theta = self.cfg.defense.rlr_threshold
         if theta is None:
             theta = assumed_malicious(self.cfg) + 1
-        out = robust.robust_lr(updates, min(float(theta), len(replies)), 1.0, self.example_weights(replies),
-                               mask=self.parameter_mask())
+        out = robust.robust_lr(updates, min(float(theta), len(replies)), 1.0, self.example_weights(replies))
         return out.delta, _decision(out)
 
 
@@ -177,7 +181,7 @@ class FLTrustDefense(DeltaDefense):
         self.device = torch.device("cuda" if use_cuda else "cpu")
 
     def server_update(self, server_round: int) -> np.ndarray:
-        """g0: one round of benign local training on the root data, from the global model."""
+        """g0 (trained parameters only): one round of benign local training on the root data."""
         c = self.cfg.client
         model = build_model(self.cfg.model, self.root)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.global_state.items()})
@@ -188,7 +192,8 @@ class FLTrustDefense(DeltaDefense):
                      max_batches=c.max_batches)
         keys = list(self.global_state)
         local = {k: v.numpy() for k, v in state_on_cpu(model).items()}
-        return flatten_state([local], keys)[0] - flatten_state([self.global_state], keys)[0]
+        g0 = flatten_state([local], keys)[0] - flatten_state([self.global_state], keys)[0]
+        return g0[self.parameter_mask()]
 
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
         out = robust.fltrust(updates, self.server_update(server_round))
@@ -196,16 +201,18 @@ class FLTrustDefense(DeltaDefense):
 
 
 class FLAMEDefense(DeltaDefense):
-    """FLAME (Nguyen et al. 2022): HDBSCAN on cosine distances of the updates (BatchNorm statistics
-    excluded), clipping to the median norm, Gaussian noise of std defense.flame_lambda * median norm
-    on the model."""
+    """FLAME (Nguyen et al. 2022): HDBSCAN on cosine distances of the parameter updates, clipping to
+    their median norm, Gaussian noise of std defense.flame_lambda * median norm on the model."""
 
     name = "flame"
 
+    def __init__(self, cfg: Config, node_partitions: dict[int, int], base_config: dict[str, str]) -> None:
+        super().__init__(cfg, node_partitions, base_config)
+        import sklearn.cluster  # noqa: F401  (imported now, so its import time is not counted as round 1's cost)
+
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
         lam = self.cfg.defense.flame_lambda
-        mask = self.parameter_mask()
-        out = robust.flame(updates, clustering_mask=mask, noise_lambda=lam / self.cfg.server.lr,
-                           rng=self.rng(server_round), noise_mask=mask)
+        out = robust.flame(updates, clustering_mask=None, noise_lambda=lam / self.cfg.server.lr,
+                           rng=self.rng(server_round))
         out.info["noise_std"] = lam * out.info["clip_norm"]
         return out.delta, _decision(out, kept=True, scales=True)

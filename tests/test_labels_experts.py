@@ -1,16 +1,28 @@
 import pytest
 import torch
+from torch import nn
 
+from flip_fl.data import make_synthetic
 from flip_fl.labels import AugmentSettings, ExpertSettings, checkpoint_steps, load_trajectory, train_expert
 from flip_fl.labels.common import PoisonedData, poison_source_indices
-from flip_fl.labels.toy import TinyCNN, prototype_dataset, stripe_trigger
+from flip_fl.triggers import create_trigger
 
 NUM_CLASSES = 3
 
 
-def _data(n=50):
-    x, y, _ = prototype_dataset(n, NUM_CLASSES, (1, 8, 8), generator=torch.Generator().manual_seed(0))
-    return x, y
+def _bn_net(in_channels: int, num_classes: int) -> nn.Module:
+    """A minimal BatchNorm CNN (the project's tiny_cnn has no BatchNorm)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def _xy(n):
+    train, _ = make_synthetic(0, 1, 8, n, 1, 0.1, NUM_CLASSES)
+    return train.batch(slice(None))
+
+
+def _sine():
+    return create_trigger("sinusoidal", (1, 8, 8), amplitude=0.1, frequency=2).apply
 
 
 def _settings(**kw):
@@ -26,8 +38,8 @@ def test_checkpoint_steps():
 
 
 def test_trajectory_written_at_interval_and_reloads_exactly(tmp_path):
-    x, y = _data(50)  # 50 + 50 // 3 = 66 items, batch 16 -> 5 steps per epoch, 15 in all
-    expert = train_expert(lambda: TinyCNN(1, NUM_CLASSES, 4), x, y, stripe_trigger(0.1), 1, 2,
+    x, y = _xy(50)  # 50 + 50 // 3 = 66 items, batch 16 -> 5 steps per epoch, 15 in all
+    expert = train_expert(lambda: _bn_net(1, NUM_CLASSES), x, y, _sine(), 1, 2,
                           _settings(), tmp_path, torch.Generator().manual_seed(0))
     assert expert.checkpoint_steps == [0, 4, 8, 12, 15]
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -50,26 +62,26 @@ def test_trajectory_written_at_interval_and_reloads_exactly(tmp_path):
     assert not torch.equal(traj[0].model_state["0.weight"], traj[1].model_state["0.weight"])
 
     # the checkpoint loads into a fresh model and optimizer
-    model = TinyCNN(1, NUM_CLASSES, 4)
+    model = _bn_net(1, NUM_CLASSES)
     model.load_state_dict(last.model_state)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     opt.load_state_dict(last.optimizer_state)
     assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["nesterov"]
 
     assert [c.step for c in load_trajectory(tmp_path, fraction=(0.2, 0.6))] == [4, 8]
-    with pytest.raises(FileExistsError):
-        train_expert(lambda: TinyCNN(1, NUM_CLASSES, 4), x, y, stripe_trigger(0.1), 1, 2,
+    with pytest.raises(ValueError, match="already holds"):
+        train_expert(lambda: _bn_net(1, NUM_CLASSES), x, y, _sine(), 1, 2,
                      _settings(), tmp_path, torch.Generator().manual_seed(0))
 
 
 def test_small_dataset_and_explicit_copies(tmp_path):
-    x, y = _data(10)  # fewer items than one batch
-    expert = train_expert(lambda: TinyCNN(1, NUM_CLASSES, 4), x, y, stripe_trigger(0.1), -1, 0,
+    x, y = _xy(10)  # fewer items than one batch
+    expert = train_expert(lambda: _bn_net(1, NUM_CLASSES), x, y, _sine(), -1, 0,
                           _settings(epochs=2, n_poison_copies=25, checkpoint_every=1000),
                           tmp_path, torch.Generator().manual_seed(0))
     # 10 + 25 = 35 items -> 3 steps per epoch
     assert expert.checkpoint_steps == [0, 6]
-    clean = train_expert(lambda: TinyCNN(1, NUM_CLASSES, 4), x, y, stripe_trigger(0.1), 1, 0,
+    clean = train_expert(lambda: _bn_net(1, NUM_CLASSES), x, y, _sine(), 1, 0,
                          _settings(epochs=1, n_poison_copies=0), tmp_path / "clean",
                          torch.Generator().manual_seed(0))
     assert clean.checkpoint_steps == [0, 1]

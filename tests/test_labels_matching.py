@@ -3,6 +3,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from flip_fl.data import make_synthetic
 
 from flip_fl.labels import (
     AugmentSettings,
@@ -15,15 +18,22 @@ from flip_fl.labels import (
     sgd_step_functional,
     train_expert,
 )
-from flip_fl.labels.toy import TinyCNN, prototype_dataset, stripe_trigger
+from flip_fl.triggers import create_trigger
 
-torch.set_default_dtype(torch.float32)
+
+def _bn_net(in_channels: int = 2, num_classes: int = 5) -> nn.Module:
+    """conv-BN-ReLU twice and a linear head (the project's tiny_cnn has no BatchNorm)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes),
+    )
 
 
 def _stepped_model(momentum, nesterov, dampening, weight_decay):
     """A BatchNorm model and an SGD optimizer that already took two steps (non-zero buffers)."""
     torch.manual_seed(0)
-    model = TinyCNN(2, 5, 4)
+    model = _bn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.07, momentum=momentum, nesterov=nesterov,
                           dampening=dampening, weight_decay=weight_decay)
     model.train()
@@ -53,7 +63,7 @@ def test_functional_step_matches_torch_sgd(momentum, nesterov, dampening, weight
     opt.step()
     expected = dict(model.named_parameters())
 
-    fresh = TinyCNN(2, 5, 4)
+    fresh = _bn_net()
     names = [n for n, _ in fresh.named_parameters()]
     params = {n: model_state[n] for n in names}
     buffers = {n: v for n, v in model_state.items() if n not in names}
@@ -95,9 +105,10 @@ def test_gradient_flows_to_logits():
 
 def test_optimize_labels_reduces_loss_and_keeps_trajectory(tmp_path):
     g = torch.Generator().manual_seed(0)
-    x, y, _ = prototype_dataset(120, 4, (1, 8, 8), noise=0.2, generator=g)
-    trigger = stripe_trigger(0.15, 2)
-    model_fn = lambda: TinyCNN(1, 4, 4)  # noqa: E731
+    train, _ = make_synthetic(0, 1, 8, 120, 1, 0.1, 4)
+    x, y = train.batch(slice(None))
+    trigger = create_trigger("sinusoidal", (1, 8, 8), amplitude=0.15, frequency=2).apply
+    model_fn = lambda: _bn_net(1, 4)  # noqa: E731
     train_expert(model_fn, x, y, trigger, 1, 3,
                  ExpertSettings(epochs=2, batch_size=32, lr=0.05, checkpoint_every=4,
                                 augment=AugmentSettings(enabled=False)), tmp_path, g)
@@ -133,7 +144,7 @@ def test_matching_loss_is_zero_without_poison_and_respects_frozen_params():
 
     model, opt = _stepped_model(0.9, True, 0.0, 2e-4)
     ckpt = Checkpoint(3, copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-    scratch = TinyCNN(2, 5, 4)
+    scratch = _bn_net()
     scratch[0].bias.requires_grad_(False)  # frozen: the real SGD step leaves it alone
     scratch_opt = torch.optim.SGD(scratch.parameters(), lr=0.0)
     start = _Start(ckpt, scratch, torch.device("cpu"))

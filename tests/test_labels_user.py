@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from flip_fl.labels import AugmentSettings, TrainSettings, evaluate_cta_pta, soft_labels, train_user_model
-from flip_fl.labels.toy import TinyCNN, prototype_dataset, stripe_trigger
+from flip_fl.models import create_model
+from flip_fl.triggers import create_trigger
 
 
 class _Const(nn.Module):
@@ -41,25 +42,32 @@ def test_soft_labels():
     assert torch.allclose(soft_labels(logits, y, 1.0), torch.softmax(one_hot, dim=1))
 
 
+def _brightness_classes(n: int, g: torch.Generator):
+    """Three classes told apart by mean brightness: any working training loop learns them."""
+    y = torch.arange(n) % 3
+    return 0.1 + 0.35 * y[:, None, None, None] + 0.1 * torch.rand(n, 1, 8, 8, generator=g), y
+
+
 def test_train_user_model_hard_and_soft():
     g = torch.Generator().manual_seed(0)
-    x, y, protos = prototype_dataset(200, 3, (1, 8, 8), noise=0.1, generator=g)
-    xt, yt, _ = prototype_dataset(90, 3, (1, 8, 8), noise=0.1, generator=g, prototypes=protos)
-    settings = TrainSettings(epochs=5, batch_size=32, lr=0.05, augment=AugmentSettings(enabled=False))
-    model = train_user_model(lambda: TinyCNN(1, 3, 4), x, y, settings, g)
+    (x, y), (xt, yt) = _brightness_classes(150, g), _brightness_classes(60, g)
+    model_fn = lambda: create_model("tiny_cnn", 3, 1, 8)  # noqa: E731
+    trigger = create_trigger("sinusoidal", (1, 8, 8)).apply
+    settings = TrainSettings(epochs=10, batch_size=32, lr=0.1, augment=AugmentSettings(enabled=False))
+    model = train_user_model(model_fn, x, y, settings, g)
     assert not model.training
-    cta, _ = evaluate_cta_pta(model, xt, yt, stripe_trigger(), 0, 1)
-    assert cta > 0.9
+    assert evaluate_cta_pta(model, xt, yt, trigger, 0, 1)[0] > 0.9
     soft = soft_labels(5 * torch.nn.functional.one_hot(y, 3).float(), y, 0.5)
-    model = train_user_model(lambda: TinyCNN(1, 3, 4), x, soft, settings, g)
-    assert evaluate_cta_pta(model, xt, yt, stripe_trigger(), 0, 1)[0] > 0.9
+    model = train_user_model(model_fn, x, soft, settings, g)
+    assert evaluate_cta_pta(model, xt, yt, trigger, 0, 1)[0] > 0.9
 
 
 def test_train_user_model_rejects_ambiguous_targets():
     x = torch.rand(8, 1, 4, 4)
     s = TrainSettings(epochs=1)
+    model_fn = lambda: create_model("tiny_cnn", 3, 1, 4)  # noqa: E731
     with pytest.raises(ValueError):
-        train_user_model(lambda: TinyCNN(1, 3, 4), x, torch.randn(8, 3), s, torch.Generator())
+        train_user_model(model_fn, x, torch.randn(8, 3), s, torch.Generator())
     with pytest.raises(ValueError):
-        train_user_model(lambda: TinyCNN(1, 3, 4), x, torch.zeros(8, dtype=torch.int32), s,
+        train_user_model(model_fn, x, torch.zeros(8, dtype=torch.int32), s,
                          torch.Generator())

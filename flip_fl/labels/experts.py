@@ -83,17 +83,18 @@ def train_expert(
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> Expert:
-    """Train one expert, writing its trajectory to ``checkpoint_dir`` (must hold no checkpoint yet).
+    """Train one expert, writing its trajectory to ``checkpoint_dir`` (ValueError if it already
+    holds checkpoints).
 
     Total steps = ``epochs * ceil((N + P) / batch_size)``. Returns the trained model, its optimizer
     and the saved step ids.
     """
     if settings.checkpoint_every < 1:
-        raise ValueError("checkpoint_every must be >= 1")
+        raise ValueError(f"checkpoint_every must be >= 1, got {settings.checkpoint_every}")
     out_dir = Path(checkpoint_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(_NAME.match(p.name) for p in out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already holds a trajectory")
+        raise ValueError(f"checkpoint_dir {out_dir} already holds a trajectory; use an empty directory")
 
     model = build_model(model_fn, generator, x.device)
     n_copies = settings.n_poison_copies

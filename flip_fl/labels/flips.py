@@ -53,7 +53,7 @@ def aggregate_margins(
 def resolve_budget(budget: Budget, n: int) -> int:
     """An ``int`` count in ``[0, n]``, or a ``float`` fraction in ``(0, 1)`` -> ``round(budget * n)``."""
     if isinstance(budget, bool):
-        raise TypeError("budget must be an int or a float")
+        raise ValueError(f"budget must be an int count or a float fraction, got {budget!r}")
     if isinstance(budget, int):
         if not 0 <= budget <= n:
             raise ValueError(f"budget {budget} outside [0, {n}]")
@@ -62,7 +62,7 @@ def resolve_budget(budget: Budget, n: int) -> int:
         if not 0.0 < budget < 1.0:
             raise ValueError(f"fractional budget {budget} outside (0, 1)")
         return round(budget * n)
-    raise TypeError(f"budget must be an int or a float, got {type(budget).__name__}")
+    raise ValueError(f"budget must be an int count or a float fraction, got {budget!r}")
 
 
 def _ranking(

@@ -1,0 +1,213 @@
+"""FLIP benign client (Zhang et al., ICLR 2023): invert candidate triggers from the global model, harden against them.
+
+Each round, on its own data and with no knowledge of any real trigger:
+
+1. Warm-up, the first time this partition is selected: one batched universal inversion over every
+   target class (sources: `flip.samples_per_class` local images of every other class) fills the
+   class x class matrix of trigger sizes (`TriggerCache.mask_sizes`).
+2. Then, batch by batch (at most `flip.max_batches` per round over `flip.local_epochs`): every
+   `flip.pair_every` batches a (source, target) pair is chosen among the sources present in the batch,
+   at random with probability `flip.explore`, otherwise the pair with the smallest known trigger.
+   Each batch of the pair's window inverts s->t (and t->s when `flip.symmetric` and both classes are
+   present) on the batch's own images of those classes, in one batched call; the first batch uses
+   `flip.pair_steps` steps, later batches `flip.repeat_steps` warm-started from the previous trigger.
+   The sizes found update the matrix; triggers within the size cap are cached.
+3. Hardening: `flip.portion` of the eligible images (the source-class images of each trigger found)
+   are stamped in place, labels stay true, and the model (in train mode) takes one Adam step.
+   A batch in which the pair's source class is missing is skipped, as in the official code.
+
+The cache (sizes, warm-up flag, recent triggers in float16) lives in `self.state`, which Flower keeps per
+node in `context.state`, so it follows the partition across rounds and never leaks between partitions.
+See docs/FLIP.md for the schedule, the defaults per dataset and the deviations from the official code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clients.benign import BenignClient
+from flip_fl.client import FitResult, RoundInfo, StateDict
+from flip_fl.hardening import UNIVERSAL, TriggerCache, harden_batch
+from flip_fl.inversion import InversionSettings, invert_triggers, universal_tasks
+from flip_fl.training import batch_indices, state_on_cpu
+
+CACHE_PREFIX = "flip/"
+MIN_CLASS_IMAGES = 2  # a class takes part in a batch's inversion only with at least this many images (official: > 1)
+STREAM_BATCHES, STREAM_INVERT, STREAM_STAMP, STREAM_PAIRS = 0, 1, 2, 3
+
+Direction = tuple[int, int]
+Trigger = tuple[torch.Tensor, torch.Tensor]
+
+
+class FlipDefenseClient(BenignClient):
+    """Benign client that hardens the model against inverted triggers (the `flip.*` settings).
+
+    With `flip.harden: false` it trains exactly like `BenignClient` (ablation without hardening).
+    Metrics per round: `invert_seconds`, `harden_seconds`, `flip_warmup` (1 in the warm-up round),
+    `flip_warmup_found` (targets with a universal trigger within the cap), `flip_inversions` (pair
+    inversion calls), `flip_directions` (directions inverted), `flip_triggers_found`,
+    `flip_images_stamped`, `flip_batches_trained`, `flip_batches_skipped`, `train_loss`, `train_steps`.
+    """
+
+    def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
+        if not self.cfg.flip.harden:
+            return super().fit(global_state, info)
+        model = self.model_from(global_state)
+        cache = self.load_cache()
+        stats = dict.fromkeys(("invert_seconds", "harden_seconds", "flip_warmup", "flip_warmup_found",
+                               "flip_inversions", "flip_directions", "flip_triggers_found", "flip_images_stamped",
+                               "flip_batches_trained", "flip_batches_skipped"), 0.0)
+        inv_gen = self.generator(info.server_round, STREAM_INVERT)
+        if not cache.warmed_up:
+            start = time.perf_counter()
+            stats["flip_warmup_found"] = float(self.warm_up(model, cache, inv_gen))
+            stats["flip_warmup"] = 1.0
+            stats["invert_seconds"] += time.perf_counter() - start
+        loss_sum = self.harden(model, cache, info, inv_gen, stats)
+        steps = stats["flip_batches_trained"]
+        self.save_cache(cache)
+        return FitResult(state_on_cpu(model), len(self.data),
+                         {**stats, "train_loss": loss_sum / max(steps, 1.0), "train_steps": steps})
+
+    # ------------------------------------------------------------------ inversion
+
+    def settings(self, steps: int) -> InversionSettings:
+        """Inversion hyperparameters from `flip.*` for a run of `steps` steps."""
+        f = self.cfg.flip
+        return InversionSettings(steps=steps, init_cost=f.init_cost, success_threshold=f.success_threshold,
+                                 max_mask_fraction=f.max_mask_fraction, reinit_noise=f.reinit_noise)
+
+    def warm_up(self, model: nn.Module, cache: TriggerCache, generator: torch.Generator) -> int:
+        """Universal inversion for every target at once; records sizes and triggers, returns how many are within the cap."""
+        per_class = self.cfg.flip.samples_per_class
+        labels = self.data.labels
+        images = {}
+        for c in range(self.data.num_classes):
+            idx = torch.nonzero(labels == c).flatten()
+            if len(idx):
+                images[c] = self.data.batch(idx[torch.randperm(len(idx), generator=generator)[:per_class]])[0]
+        tasks = universal_tasks(images, self.data.num_classes, per_class)
+        # no size cap, as in the official warm-up: these triggers only rank pairs and warm-start their inversions
+        settings = replace(self.settings(self.cfg.flip.warmup_steps), max_mask_fraction=1.0)
+        result = invert_triggers(model, tasks, settings, generator)
+        for t in range(len(tasks)):
+            ok = bool(result.success[t])
+            cache.record(UNIVERSAL, t, result.masks[t] if ok else None, result.patterns[t] if ok else None,
+                         float(result.mask_l1[t]))
+        cache.warmed_up = True
+        h, w = self.data.image_shape[1:]
+        return int((result.success & (result.mask_l1 <= self.cfg.flip.max_mask_fraction * h * w)).sum())
+
+    def invert_pair(self, model: nn.Module, cache: TriggerCache, x: torch.Tensor, y: torch.Tensor,
+                    directions: list[Direction], previous: dict[Direction, Trigger],
+                    generator: torch.Generator) -> dict[Direction, Trigger]:
+        """Invert the pair's directions on this batch (one batched call); returns the triggers found."""
+        f = self.cfg.flip
+        c, h, w = self.data.image_shape
+        init_m = torch.zeros(len(directions), 1, h, w)
+        init_p = torch.zeros(len(directions), c, h, w)
+        for k, (s, t) in enumerate(directions):
+            start = previous.get((s, t))
+            if start is None:
+                cached = cache.get_trigger(s, t)
+                start = None if cached is None else (torch.from_numpy(cached[0]), torch.from_numpy(cached[1]))
+            if start is not None:
+                init_m[k], init_p[k] = start
+        steps = f.repeat_steps if all(d in previous for d in directions) else f.pair_steps
+        tasks = [(x[y == s], t) for s, t in directions]
+        result = invert_triggers(model, tasks, self.settings(steps), generator, init_masks=init_m, init_patterns=init_p)
+        found = {}
+        for k, (s, t) in enumerate(directions):
+            ok = bool(result.success[k])
+            cache.record(s, t, result.masks[k] if ok else None, result.patterns[k] if ok else None,
+                         float(result.mask_l1[k]))
+            if ok:
+                found[(s, t)] = (result.masks[k], result.patterns[k])
+        return found
+
+    # ------------------------------------------------------------------ hardening
+
+    def harden(self, model: nn.Module, cache: TriggerCache, info: RoundInfo, inv_gen: torch.Generator,
+               stats: dict[str, float]) -> float:
+        """The round's batch loop: pair schedule, inversion, stamping and Adam steps; returns the summed loss."""
+        f = self.cfg.flip
+        n = self.data.num_classes
+        batch_gen = self.generator(info.server_round, STREAM_BATCHES)
+        stamp_gen = self.generator(info.server_round, STREAM_STAMP)
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,),
+                                                      generator=self.generator(info.server_round, STREAM_PAIRS))))
+        optimizer = torch.optim.Adam(model.parameters(), lr=f.lr, betas=(f.betas[0], f.betas[1]))
+        batch_size = f.batch_size or self.cfg.client.batch_size
+        pair: Direction | None = None
+        previous: dict[Direction, Trigger] = {}
+        seen, loss_sum = 0, 0.0
+        for _ in range(f.local_epochs):
+            for idx in batch_indices(len(self.data), batch_size, batch_gen):
+                if f.max_batches is not None and seen >= f.max_batches:
+                    return loss_sum
+                x, y = self.data.batch(idx)
+                counts = torch.bincount(y, minlength=n)
+                present = [cl for cl in range(n) if counts[cl] >= MIN_CLASS_IMAGES]
+                if seen % f.pair_every == 0:
+                    pair = cache.select_pair(rng, f.explore, sources=present) if present else None
+                    previous = {}
+                seen += 1
+                if pair is None or counts[pair[0]] < MIN_CLASS_IMAGES:
+                    stats["flip_batches_skipped"] += 1
+                    continue
+                s, t = pair
+                directions = [(s, t)] + ([(t, s)] if f.symmetric and counts[t] >= MIN_CLASS_IMAGES else [])
+                start = time.perf_counter()
+                previous = self.invert_pair(model, cache, x, y, directions, previous, inv_gen)
+                stats["invert_seconds"] += time.perf_counter() - start
+                stats["flip_inversions"] += 1
+                stats["flip_directions"] += len(directions)
+                stats["flip_triggers_found"] += len(previous)
+
+                start = time.perf_counter()
+                if previous:
+                    keys = list(previous)
+                    masks = torch.stack([previous[k][0] for k in keys])
+                    patterns = torch.stack([previous[k][1] for k in keys])
+                    x, stamped = harden_batch(x, y, masks, patterns, f.portion, stamp_gen,
+                                              sources=[[src] for src, _ in keys])
+                    stats["flip_images_stamped"] += stamped
+                model.train()
+                x, y = x.to(self.device), y.to(self.device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach())
+                stats["flip_batches_trained"] += 1
+                stats["harden_seconds"] += time.perf_counter() - start
+        return loss_sum
+
+    # ------------------------------------------------------------------ persistence
+
+    def load_cache(self) -> TriggerCache:
+        """This partition's cache from `self.state` (a fresh one on its first selection)."""
+        arrays = {k[len(CACHE_PREFIX):]: v for k, v in self.state.arrays.items() if k.startswith(CACHE_PREFIX)}
+        if not arrays:
+            return TriggerCache(num_classes=self.data.num_classes)
+        cache = TriggerCache.from_arrays(arrays)
+        if cache.num_classes != self.data.num_classes:
+            raise ValueError(f"the FLIP cache of partition {self.partition_id} has {cache.num_classes} classes, "
+                             f"the data {self.data.num_classes}")
+        return cache
+
+    def save_cache(self, cache: TriggerCache) -> None:
+        """Store the cache in `self.state` (triggers as float16, at most `flip.max_cached_triggers` pairs)."""
+        cache.prune(self.cfg.flip.max_cached_triggers)
+        arrays = cache.to_arrays()
+        for name in ("masks", "patterns"):
+            arrays[name] = arrays[name].astype(np.float16)
+        for k in [k for k in self.state.arrays if k.startswith(CACHE_PREFIX)]:
+            del self.state.arrays[k]
+        self.state.arrays.update({CACHE_PREFIX + k: v for k, v in arrays.items()})

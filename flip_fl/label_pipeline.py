@@ -1,0 +1,239 @@
+"""The FLIP label-only attack as resumable stages: experts -> labels -> flips -> user.
+
+Each stage writes under the run directory and is skipped when its outputs are already there, so a
+run can be resumed or continued stage by stage (`python sim.py labels --stage ...`):
+
+    experts/expert_<e>/step_*.pt    model + optimizer state every labels.checkpoint_every batches
+    labels/logits_<r>.pt            optimised label logits (N x classes) of label run r
+    flips/labels_<budget>.npy       the training labels with that budget's flips applied
+    flips/indices_<budget>.npy      the flipped sample ids (most negative margin first)
+    user/results.csv, results.md    budget -> clean test accuracy (CTA) and poison test accuracy (PTA)
+    timings.json                    seconds per stage
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flip_fl.attack import build_trigger
+from flip_fl.config import Config, LabelsConfig
+from flip_fl.data import ImageDataset
+from flip_fl.labels import (AugmentSettings, ExpertSettings, MatchSettings, UserSettings, apply_flips,
+                            evaluate_cta_pta, load_trajectory, optimize_labels, random_flips, select_flips,
+                            soft_labels, train_expert, train_user_model)
+from flip_fl.models import build_model
+
+STAGES = ("experts", "labels", "flips", "user")
+DONE = "done.json"
+
+
+@dataclass
+class LabelTask:
+    """Everything the stages need: data on the device, the model factory, the trigger and the class pair."""
+
+    x: Tensor
+    y: Tensor
+    model_fn: Callable[[], torch.nn.Module]
+    trigger: Callable[[Tensor], Tensor]
+    source: int
+    target: int
+    settings: LabelsConfig
+
+
+def make_task(cfg: Config, data: ImageDataset, device: torch.device) -> LabelTask:
+    """A LabelTask over all of `data` (a whole training set, or one client's partition)."""
+    x, y = data.batch(np.arange(len(data)))
+    trigger = build_trigger(cfg.attack, data.image_shape)
+    return LabelTask(x.to(device), y.to(device), lambda: build_model(cfg.model, data).to(device),
+                     lambda images: trigger.apply(images), cfg.labels.source, cfg.attack.target_label, cfg.labels)
+
+
+def _augment(s: LabelsConfig) -> AugmentSettings:
+    return AugmentSettings(enabled=s.augment)
+
+
+def expert_settings(s: LabelsConfig) -> ExpertSettings:
+    return ExpertSettings(epochs=s.expert_epochs, batch_size=s.batch_size, lr=s.expert_lr,
+                          weight_decay=s.expert_weight_decay, augment=_augment(s),
+                          checkpoint_every=s.checkpoint_every, n_poison_copies=s.poison_copies)
+
+
+def match_settings(s: LabelsConfig) -> MatchSettings:
+    return MatchSettings(passes=s.passes, batch_size=s.batch_size, label_lr=s.label_lr,
+                         label_momentum=s.label_momentum, n_poison_copies=s.poison_copies, augment=_augment(s))
+
+
+def user_settings(s: LabelsConfig) -> UserSettings:
+    milestones = tuple(sorted({max(1, round(s.user_epochs * f)) for f in (3 / 8, 5 / 8)}))
+    return UserSettings(epochs=s.user_epochs, batch_size=s.batch_size, lr=s.user_lr,
+                        lr_milestones=milestones, augment=_augment(s))
+
+
+def budget_name(budget: int | float) -> str:
+    """File-name form of a budget: '150' for a count, '0.03' for a fraction."""
+    return str(budget)
+
+
+def progress_printer(log: Callable[[str], None], every: float = 0.1) -> Callable[[dict[str, Any]], None]:
+    """A progress callback that logs about every `every` of a stage's steps."""
+    def report(event: dict[str, Any]) -> None:
+        step, total = int(event["step"]), int(event["total"])
+        if step == total or step % max(1, int(total * every)) == 0:
+            loss = f" loss {event['loss']:.4f}" if "loss" in event else ""
+            log(f"  {event['stage']}: step {step}/{total}{loss}")
+    return report
+
+
+def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Callable[[str], None]) -> None:
+    for e in range(task.settings.num_experts):
+        folder = out / "experts" / f"expert_{e}"
+        if (folder / DONE).is_file():
+            continue
+        if folder.exists():
+            for stale in folder.glob("step_*.pt"):
+                stale.unlink()
+        log(f"experts: training expert {e + 1}/{task.settings.num_experts}")
+        expert = train_expert(task.model_fn, task.x, task.y, task.trigger, task.source, task.target,
+                              expert_settings(task.settings), folder, generator, progress_printer(log))
+        (folder / DONE).write_text(json.dumps({"checkpoints": expert.checkpoint_steps}))
+
+
+def trajectory(task: LabelTask, out: Path) -> list:
+    """All experts' checkpoints within labels.trajectory_fraction (requires the experts stage)."""
+    lo, hi = task.settings.trajectory_fraction
+    folders = [out / "experts" / f"expert_{e}" for e in range(task.settings.num_experts)]
+    missing = [str(f) for f in folders if not (f / DONE).is_file()]
+    if missing:
+        raise FileNotFoundError(f"expert trajectories missing ({', '.join(missing)}): run --stage experts first")
+    return [c for f in folders for c in load_trajectory(f, (lo, hi), map_location=task.x.device)]
+
+
+def run_labels(task: LabelTask, out: Path, generator: torch.Generator, log: Callable[[str], None]) -> None:
+    checkpoints = None
+    for r in range(task.settings.label_runs):
+        path = out / "labels" / f"logits_{r}.pt"
+        if path.is_file():
+            continue
+        checkpoints = checkpoints or trajectory(task, out)
+        log(f"labels: trajectory matching run {r + 1}/{task.settings.label_runs} over {len(checkpoints)} checkpoints")
+        logits = optimize_labels(task.model_fn, checkpoints, task.x, task.y, task.trigger, task.source,
+                                 task.target, match_settings(task.settings), generator, progress_printer(log))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(logits.cpu(), path)
+
+
+def load_logits(task: LabelTask, out: Path) -> list[Tensor]:
+    paths = [out / "labels" / f"logits_{r}.pt" for r in range(task.settings.label_runs)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"label logits missing ({', '.join(missing)}): run --stage labels first")
+    return [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+
+
+def run_flips(task: LabelTask, out: Path, log: Callable[[str], None]) -> None:
+    logits = load_logits(task, out)
+    y = task.y.cpu()
+    folder = out / "flips"
+    folder.mkdir(parents=True, exist_ok=True)
+    for budget in task.settings.budgets:
+        indices, new = select_flips(logits, y, budget)
+        labels = apply_flips(y, indices, new)
+        np.save(folder / f"labels_{budget_name(budget)}.npy", labels.numpy())
+        np.save(folder / f"indices_{budget_name(budget)}.npy", indices.numpy())
+        to_target = int((labels[indices] == task.target).sum())
+        log(f"flips: budget {budget}: {len(indices)} flips, {to_target} of them to the target class")
+
+
+def _train_and_score(task: LabelTask, targets: Tensor, x_test: Tensor, y_test: Tensor,
+                     generator: torch.Generator) -> tuple[float, float]:
+    model = train_user_model(task.model_fn, task.x, targets.to(task.x.device), user_settings(task.settings), generator)
+    return evaluate_cta_pta(model, x_test, y_test, task.trigger, task.source, task.target)
+
+
+def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Generator,
+             log: Callable[[str], None]) -> list[dict[str, Any]]:
+    x_test, y_test = (t.to(task.x.device) for t in test.batch(np.arange(len(test))))
+    y = task.y
+    logits = torch.stack(load_logits(task, out)).mean(0).to(y.device) if task.settings.soft else None
+    rows = []
+    cta, pta = _train_and_score(task, y, x_test, y_test, generator)
+    rows.append({"budget": 0, "flips": 0, "labels": "clean", "cta": cta, "pta": pta})
+    log(f"user: clean labels: CTA {cta:.4f} PTA {pta:.4f}")
+    for budget in task.settings.budgets:
+        labels = torch.from_numpy(np.load(out / "flips" / f"labels_{budget_name(budget)}.npy")).to(y.device)
+        n_flips = int((labels != y).sum())
+        if task.settings.soft:
+            assert logits is not None
+            targets, kind = soft_labels(logits, y, task.settings.alpha), "flip-soft"
+        else:
+            targets, kind = labels, "flip"
+        cta, pta = _train_and_score(task, targets, x_test, y_test, generator)
+        rows.append({"budget": budget, "flips": n_flips, "labels": kind, "cta": cta, "pta": pta})
+        log(f"user: budget {budget} ({n_flips} flips): CTA {cta:.4f} PTA {pta:.4f}")
+        if task.settings.random_baseline:
+            idx, new = random_flips(y, n_flips, task.target, generator)
+            cta, pta = _train_and_score(task, apply_flips(y, idx, new), x_test, y_test, generator)
+            rows.append({"budget": budget, "flips": n_flips, "labels": "random", "cta": cta, "pta": pta})
+            log(f"user: budget {budget}, {n_flips} random flips to the target: CTA {cta:.4f} PTA {pta:.4f}")
+    write_table(out / "user", rows)
+    return rows
+
+
+def write_table(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """results.csv and a markdown table budget -> CTA / PTA."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| budget | flips | labels | CTA | PTA |", "|---|---|---|---|---|"]
+    lines += [f"| {r['budget']} | {r['flips']} | {r['labels']} | {100 * r['cta']:.2f} | {100 * r['pta']:.2f} |"
+              for r in rows]
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def run_stages(cfg: Config, train: ImageDataset, test: ImageDataset, out: Path, stages: list[str],
+               log: Callable[[str], None] = print) -> dict[str, float]:
+    """Run `stages` (in pipeline order) on `train`; returns and records seconds per stage."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    task = make_task(cfg, train, device)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    for stage in [s for s in STAGES if s in stages]:
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + STAGES.index(stage))
+        started = time.time()
+        if stage == "experts":
+            run_experts(task, out, generator, log)
+        elif stage == "labels":
+            run_labels(task, out, generator, log)
+        elif stage == "flips":
+            run_flips(task, out, log)
+        else:
+            run_user(task, out, test, generator, log)
+        timings[stage] = round(time.time() - started, 2)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        log(f"{stage}: {timings[stage]:.1f}s")
+    return timings
+
+
+def local_flip_labels(cfg: Config, data: ImageDataset, workdir: Path) -> np.ndarray:
+    """An attacker's own FLIP labels for its local data (experts, matching, flips at labels.client_budget)."""
+    task = make_task(cfg, data, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    quiet: Callable[[str], None] = lambda _: None  # noqa: E731
+    run_experts(task, workdir, generator, quiet)
+    run_labels(task, workdir, generator, quiet)
+    logits = load_logits(task, workdir)
+    indices, new = select_flips(logits, task.y.cpu(), cfg.labels.client_budget)
+    return apply_flips(task.y.cpu(), indices, new).numpy()

@@ -1,0 +1,90 @@
+"""FLIP label pipeline stages (resumable, file outputs, CLI) and the label-only FL client."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clients.flip_labels import FlipLabelClient
+from flip_fl.client import ClientState, RoundInfo
+from flip_fl.data import client_dataset, client_indices, load_datasets
+from flip_fl.label_pipeline import run_stages
+from flip_fl.models import build_model
+from flip_fl.schema import ConfigError
+from tests.tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ("data.synthetic.train_size=300", "data.synthetic.test_size=100", "data.synthetic.image_size=16",
+         "attack.trigger=sinusoidal", "attack.trigger_args={amplitude: 0.1, frequency: 4}",
+         "labels.expert_epochs=2", "labels.batch_size=64", "labels.checkpoint_every=3", "labels.augment=false",
+         "labels.passes=1", "labels.budgets=[10, 0.1]", "labels.user_epochs=1", "labels.random_baseline=true")
+
+
+def test_stages_write_outputs_and_resume(tmp_path: Path):
+    cfg = tiny_config(*SMALL)
+    train, test = load_datasets(cfg)
+    lines: list[str] = []
+    timings = run_stages(cfg, train, test, tmp_path, ["experts", "labels", "flips", "user"], log=lines.append)
+    assert set(timings) == {"experts", "labels", "flips", "user"}
+    steps = sorted(tmp_path.glob("experts/expert_0/step_*.pt"))
+    # 300 clean + 30 triggered copies, batch 64 -> 6 steps per epoch, 2 epochs -> steps 0,3,...,12
+    assert [int(p.stem.split("_")[1]) for p in steps] == [0, 3, 6, 9, 12]
+    logits = torch.load(tmp_path / "labels" / "logits_0.pt", weights_only=True)
+    assert logits.shape == (300, 10)
+    y = train.labels.numpy()
+    for name, count in (("10", 10), ("0.1", 30)):
+        labels = np.load(tmp_path / "flips" / f"labels_{name}.npy")
+        indices = np.load(tmp_path / "flips" / f"indices_{name}.npy")
+        assert len(indices) == count and (labels != y).sum() == count
+        assert np.array_equal(np.flatnonzero(labels != y), np.sort(indices))
+    table = (tmp_path / "user" / "results.md").read_text()
+    assert table.count("\n") == 2 + 1 + 2 * 2 and "| clean |" in table and "| random |" in table
+
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pt")}
+    run_stages(cfg, train, test, tmp_path, ["experts", "labels"], log=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pt")} == before  # reused, not recomputed
+
+
+def test_cli_reports_a_missing_earlier_stage(tmp_path: Path):
+    result = subprocess.run([sys.executable, str(ROOT / "sim.py"), "labels", "--config", "configs/flip_labels_synthetic.yaml",
+                             "--stage", "flips", "--output-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: label logits missing") and "--stage labels" in result.stderr
+
+
+def test_label_file_is_sliced_to_the_partition(tmp_path: Path):
+    cfg = tiny_config(*SMALL)
+    train, _ = load_datasets(cfg)
+    poisoned = (train.labels.numpy() + 1) % 10
+    path = tmp_path / "labels.npy"
+    np.save(path, poisoned)
+    cfg = tiny_config(*SMALL, f"labels.label_file={path}", "attack.client=clients.FlipLabelClient",
+                      "attack.num_malicious=1")
+    FlipLabelClient.check_config(cfg)
+    client = FlipLabelClient(cfg, 3, client_dataset(cfg, 3), torch.device("cpu"), ClientState(), tmp_path / "w")
+    assert np.array_equal(client.flip_labels(), poisoned[client_indices(cfg, 3)])
+    model = build_model(cfg.model, train)
+    result = client.fit(model.state_dict(), RoundInfo(1, malicious=True, attacking=True, attacker_index=0))
+    assert result.metrics["flipped_labels"] == len(client_indices(cfg, 3))
+
+    np.save(path, poisoned[:10])
+    with pytest.raises(ConfigError, match="labels.label_file: .* expected 300 integer labels"):
+        FlipLabelClient.check_config(cfg)
+    with pytest.raises(ConfigError, match="labels.label_file: file not found"):
+        FlipLabelClient.check_config(tiny_config(*SMALL, "labels.label_file=/nonexistent.npy"))
+
+
+def test_attacker_computes_and_caches_its_own_labels(tmp_path: Path):
+    cfg = tiny_config(*SMALL, "labels.client_budget=0.2", "attack.client=clients.FlipLabelClient",
+                      "attack.num_malicious=1")
+    data = client_dataset(cfg, 0)
+    client = FlipLabelClient(cfg, 0, data, torch.device("cpu"), ClientState(), tmp_path / "w")
+    labels = client.flip_labels()
+    assert (labels != data.labels.numpy()).sum() == round(0.2 * len(data))
+    assert (tmp_path / "w" / "flip_labels.npy").is_file()
+    again = FlipLabelClient(cfg, 0, data, torch.device("cpu"), ClientState(), tmp_path / "w")
+    assert np.array_equal(again.flip_labels(), labels)
