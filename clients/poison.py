@@ -56,7 +56,7 @@ class PoisonClient(BenignClient):
 
         def poison(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             k = num_poison_for_batch(len(x), fraction=a.poison_fraction)
-            return poison_batch(x, y, trigger, a.target_label, k, piece)
+            return poison_batch(x, y, trigger, a.target_label, k, piece, a.source_label)
 
         metrics = train_epochs(model, self.data, optimizer, epochs=epochs, batch_size=c.batch_size,
                                device=self.device, generator=self.generator(info.server_round),

@@ -79,6 +79,7 @@ class AttackConfig:
     num_malicious: int = key(0, "Number of malicious clients, chosen by a seeded draw (0: no attack).", ge=0)
     malicious_ids: list[int] | None = key(None, "Explicit malicious partition ids (overrides the draw; its length must equal num_malicious or num_malicious must be 0).")
     target_label: int = key(2, "Label the backdoor maps triggered inputs to.", ge=0)
+    source_label: int = key(-1, "Class whose triggered images the backdoor targets (-1: every class but the target); ASR is measured on it, and the FLIP label attack poisons it.", ge=-1)
     trigger: str = key("pixel_pattern", "Trigger name from flip_fl/triggers.py (pixel_pattern, dba, blended, sinusoidal, turner, fixed_pixels).")
     trigger_args: dict[str, Any] = key({}, "Keyword arguments of the trigger (see flip_fl/triggers.py).")
     poison_fraction: float = key(0.3125, "Fraction of each malicious minibatch stamped and relabelled (20/64 as in the FLIP paper on MNIST).", gt=0.0, le=1.0)
@@ -143,7 +144,6 @@ class FlipConfig:
 
 @dataclass
 class LabelsConfig:
-    source: int = key(-1, "Source class whose triggered images should go to attack.target_label (-1: every class).", ge=-1)
     num_experts: int = key(1, "Expert trajectories to train (the FLIP label paper uses up to 50; 1 gives most of the effect).", ge=1)
     expert_epochs: int = key(20, "Epochs of each expert.", ge=1)
     expert_lr: float = key(0.1, "Expert SGD learning rate (Nesterov momentum 0.9).", gt=0.0)
@@ -281,6 +281,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.width != 1.0 and cfg.model.name != "resnet18":
         raise ConfigError(f"model.width: only resnet18 has a width option, not {cfg.model.name}")
     num_classes = NUM_CLASSES[cfg.data.name]
+    if attack.source_label >= num_classes or attack.source_label == attack.target_label:
+        raise ConfigError(f"attack.source_label: {attack.source_label} must be -1 or a class of {cfg.data.name} "
+                          f"other than attack.target_label ({attack.target_label})")
     if attack.target_label >= num_classes:
         raise ConfigError(f"attack.target_label: {attack.target_label} is not a class of {cfg.data.name} "
                           f"(0..{num_classes - 1})")
@@ -312,6 +315,16 @@ def validate(cfg: Config) -> None:
         if schedule_max > fed.clients_per_round:
             raise ConfigError(f"attack.force_sampled: {schedule_max} attackers are due in one round but only "
                               f"federation.clients_per_round = {fed.clients_per_round} clients are sampled")
+    if attack.force_sampled and num_attackers(cfg) > 0:
+        from flip_fl.schedule import attackers_due  # local: schedule depends on this module
+
+        benign = fed.num_clients - num_attackers(cfg)
+        for r in range(1, fed.num_rounds + 1):
+            need = fed.clients_per_round - len(attackers_due(cfg, r))
+            if need > benign:
+                raise ConfigError(f"federation.clients_per_round: round {r} samples {need} benign clients but only "
+                                  f"{benign} of the {fed.num_clients} clients are benign; sample fewer, add clients "
+                                  "or set attack.force_sampled: false")
     if any(not 0.0 < m < 1.0 for m in attack.lr_milestones):
         raise ConfigError(f"attack.lr_milestones: {attack.lr_milestones} must be fractions in (0, 1)")
     defense = cfg.defense
@@ -339,9 +352,6 @@ def validate(cfg: Config) -> None:
 def validate_labels(cfg: Config, num_classes: int) -> None:
     """Rules of the labels.* section."""
     labels = cfg.labels
-    if labels.source >= num_classes or labels.source == cfg.attack.target_label:
-        raise ConfigError(f"labels.source: {labels.source} must be -1 or a class of {cfg.data.name} "
-                          f"other than attack.target_label ({cfg.attack.target_label})")
     lo_hi = labels.trajectory_fraction
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
         raise ConfigError(f"labels.trajectory_fraction: {lo_hi} must be [lo, hi] with 0 <= lo < hi <= 1")

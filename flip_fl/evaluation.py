@@ -14,10 +14,11 @@ from flip_fl.training import predict_probs
 
 
 class GlobalEvaluator:
-    """Evaluates a global model on the clean test set and on triggered non-target test images.
+    """Evaluates a global model on the clean test set and on triggered test images.
 
-    The ASR set is every test image whose true label differs from the target, stamped with the
-    full trigger (the union of all pieces for DBA); each piece alone is also measured for DBA.
+    The ASR set is every test image whose true label differs from the target (or, with
+    `attack.source_label`, every test image of that class), stamped with the full trigger (the
+    union of all pieces for DBA); each piece alone is also measured for DBA.
     """
 
     def __init__(self, cfg: Config, test: ImageDataset, device: torch.device) -> None:
@@ -25,10 +26,12 @@ class GlobalEvaluator:
         self.target = cfg.attack.target_label
         self.threshold = cfg.defense.threshold
         self.trigger = build_trigger(cfg.attack, test.image_shape)
-        self.non_target = test.subset((test.labels != self.target).nonzero().flatten().numpy())
+        source = cfg.attack.source_label
+        victims = test.labels == source if source >= 0 else test.labels != self.target
+        self.victims = test.subset(victims.nonzero().flatten().numpy())
 
     def _triggered_probs(self, model: nn.Module, piece: int | None) -> torch.Tensor:
-        return predict_probs(model, self.non_target, self.device, self.cfg.server.eval_batch_size,
+        return predict_probs(model, self.victims, self.device, self.cfg.server.eval_batch_size,
                              transform=lambda x: self.trigger.apply(x, piece))
 
     def evaluate(self, model: nn.Module) -> dict[str, float | None]:

@@ -55,7 +55,7 @@ def make_task(cfg: Config, data: ImageDataset, device: torch.device) -> LabelTas
     x, y = data.batch(np.arange(len(data)))
     trigger = build_trigger(cfg.attack, data.image_shape)
     return LabelTask(x.to(device), y.to(device), lambda: build_model(cfg.model, data).to(device),
-                     lambda images: trigger.apply(images), cfg.labels.source, cfg.attack.target_label, cfg.labels)
+                     lambda images: trigger.apply(images), cfg.attack.source_label, cfg.attack.target_label, cfg.labels)
 
 
 def _augment(s: LabelsConfig) -> AugmentSettings:

@@ -33,18 +33,21 @@ def poison_batch(
     target_label: int,
     num_poison: int,
     piece: int | None = None,
+    source_label: int = -1,
 ) -> tuple[Tensor, Tensor]:
     """Stamp the first ``num_poison`` samples of the batch with ``trigger`` (local ``piece`` or,
     with ``piece=None``, the full trigger) and relabel them ``target_label``, as the DBA and FLIP
-    defense code do. ``num_poison`` is clipped to the batch size. Returns copies ``(x2, y2)``.
+    defense code do. With ``source_label >= 0`` only samples of that class are eligible (the first
+    ``num_poison`` of them). ``num_poison`` is clipped to what is eligible. Returns copies ``(x2, y2)``.
     """
     if num_poison < 0:
         raise ValueError(f"num_poison must be >= 0, got {num_poison}")
-    k = min(int(num_poison), x.shape[0])
+    eligible = torch.arange(len(y)) if source_label < 0 else (y == source_label).nonzero().flatten()
+    chosen = eligible[: int(num_poison)]
     x2, y2 = x.clone(), y.clone()
-    if k > 0:
-        x2[:k] = trigger.apply(x[:k], piece)
-        y2[:k] = target_label
+    if len(chosen) > 0:
+        x2[chosen] = trigger.apply(x[chosen], piece)
+        y2[chosen] = target_label
     return x2, y2
 
 

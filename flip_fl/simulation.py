@@ -28,6 +28,7 @@ QUIET_ENV = {
 for _name, _value in QUIET_ENV.items():
     os.environ.setdefault(_name, _value)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
@@ -153,10 +154,11 @@ def round_fields(strategy: Any, server_round: int) -> dict[str, Any]:
         return {"sampled": [], "malicious": [], "attacking": [], "failures": 0}
     metrics = record.client_metrics
     keys = sorted({k for m in metrics.values() for k in m})
-    means = {f"client_{k}": sum(m.get(k, 0.0) for m in metrics.values()) / len(metrics) for k in keys}
+    means = {f"client_{k}": float(np.mean([m[k] for m in metrics.values() if k in m])) for k in keys}
     return {"sampled": record.sampled, "malicious": record.malicious, "attacking": record.attacking,
             "attack_round": bool(record.attacking), "failures": record.failures, "failed": record.failed,
-            "errors": record.errors, **means, **record.extra}
+            "errors": record.errors, **means, "client_metrics": {str(p): m for p, m in sorted(metrics.items())},
+            **record.extra}
 
 
 def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool = True) -> dict[str, Any]:

@@ -11,6 +11,15 @@ import pytest
 
 from tests.tiny import tiny_config
 
+
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """One intra-op thread in the test process: tiny models run faster without thread contention."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def run_sim(tmp_path: Path) -> Callable[..., tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Run a real simulation through Flower and Ray; returns (summary, metrics rows)."""
