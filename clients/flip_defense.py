@@ -60,14 +60,16 @@ class FlipDefenseClient(BenignClient):
             return super().fit(global_state, info)
         model = self.model_from(global_state)
         cache = self.load_cache()
-        stats = dict.fromkeys(("invert_seconds", "harden_seconds", "flip_warmup", "flip_warmup_found",
+        stats = dict.fromkeys(("invert_seconds", "harden_seconds", "flip_warmup", "flip_refresh", "flip_warmup_found",
                                "flip_inversions", "flip_directions", "flip_triggers_found", "flip_images_stamped",
                                "flip_batches_trained", "flip_batches_skipped"), 0.0)
         inv_gen = self.generator(info.server_round, STREAM_INVERT)
-        if not cache.warmed_up:
+        refresh = cache.warmed_up and self.cfg.flip.refresh_steps > 0
+        if not cache.warmed_up or refresh:
             start = time.perf_counter()
-            stats["flip_warmup_found"] = float(self.warm_up(model, cache, inv_gen))
-            stats["flip_warmup"] = 1.0
+            steps = self.cfg.flip.refresh_steps if refresh else self.cfg.flip.warmup_steps
+            stats["flip_warmup_found"] = float(self.warm_up(model, cache, steps, inv_gen))
+            stats["flip_refresh" if refresh else "flip_warmup"] = 1.0
             stats["invert_seconds"] += time.perf_counter() - start
         loss_sum = self.harden(model, cache, info, inv_gen, stats)
         steps = stats["flip_batches_trained"]
@@ -83,8 +85,9 @@ class FlipDefenseClient(BenignClient):
         return InversionSettings(steps=steps, init_cost=f.init_cost, success_threshold=f.success_threshold,
                                  max_mask_fraction=f.max_mask_fraction, reinit_noise=f.reinit_noise)
 
-    def warm_up(self, model: nn.Module, cache: TriggerCache, generator: torch.Generator) -> int:
-        """Universal inversion for every target at once; records sizes and triggers, returns how many are within the cap."""
+    def warm_up(self, model: nn.Module, cache: TriggerCache, steps: int, generator: torch.Generator) -> int:
+        """Universal inversion for every target at once (warm-started from cached universal triggers);
+        records sizes and triggers, returns how many are within the size cap."""
         per_class = self.cfg.flip.samples_per_class
         labels = self.data.labels
         images = {}
@@ -93,15 +96,21 @@ class FlipDefenseClient(BenignClient):
             if len(idx):
                 images[c] = self.data.batch(idx[torch.randperm(len(idx), generator=generator)[:per_class]])[0]
         tasks = universal_tasks(images, self.data.num_classes, per_class)
+        c, h, w = self.data.image_shape
+        init_m = torch.zeros(len(tasks), 1, h, w)
+        init_p = torch.zeros(len(tasks), c, h, w)
+        for t in range(len(tasks)):
+            if (UNIVERSAL, t) in cache.masks:
+                init_m[t] = torch.from_numpy(cache.masks[(UNIVERSAL, t)])
+                init_p[t] = torch.from_numpy(cache.patterns[(UNIVERSAL, t)])
         # no size cap, as in the official warm-up: these triggers only rank pairs and warm-start their inversions
-        settings = replace(self.settings(self.cfg.flip.warmup_steps), max_mask_fraction=1.0)
-        result = invert_triggers(model, tasks, settings, generator)
+        settings = replace(self.settings(steps), max_mask_fraction=1.0)
+        result = invert_triggers(model, tasks, settings, generator, init_masks=init_m, init_patterns=init_p)
         for t in range(len(tasks)):
             ok = bool(result.success[t])
             cache.record(UNIVERSAL, t, result.masks[t] if ok else None, result.patterns[t] if ok else None,
                          float(result.mask_l1[t]))
         cache.warmed_up = True
-        h, w = self.data.image_shape[1:]
         return int((result.success & (result.mask_l1 <= self.cfg.flip.max_mask_fraction * h * w)).sum())
 
     def invert_pair(self, model: nn.Module, cache: TriggerCache, x: torch.Tensor, y: torch.Tensor,

@@ -45,7 +45,7 @@ def read_state(context: Context) -> ClientState:
 
 def write_state(context: Context, state: ClientState) -> None:
     """Store the client state back into the node's context for its next round."""
-    context.state[STATE_ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.arrays.items()})
+    context.state[STATE_ARRAYS] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.arrays.items()})
     context.state[STATE_VALUES] = ConfigRecord(dict(state.values))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,7 @@ def plot_comparison(curves: dict[str, dict[str, Sequence[Sequence[float]]]], pat
     `curves[label]["acc" | "asr"]` holds one per-round series (from round 0) per seed.
     """
     fig, (acc_ax, asr_ax) = _figure(2, width=7.5, height=3.4)
-    colors = _colors(len(curves))
-    for color, (label, series) in zip(colors, curves.items()):
+    for (color, style), (label, series) in zip(_styles(len(curves)), curves.items()):
         for ax, key in ((acc_ax, "acc"), (asr_ax, "asr")):
             runs = [np.asarray(s, dtype=float) for s in series[key] if len(s)]
             if not runs:
@@ -91,10 +91,10 @@ def plot_comparison(curves: dict[str, dict[str, Sequence[Sequence[float]]]], pat
             stack = np.stack([s[:length] for s in runs])
             mean, std = stack.mean(axis=0), stack.std(axis=0)
             rounds = np.arange(length)
-            ax.plot(rounds, mean, color=color, label=label)
+            ax.plot(rounds, mean, style, color=color, label=label)
             if len(runs) > 1:
                 ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
-    acc_ax.set_title(title, fontsize=10)
+    acc_ax.set_title(textwrap.fill(title, 90), fontsize=9)
     acc_ax.set_ylabel("clean accuracy")
     asr_ax.set_ylabel("attack success rate")
     last = max((len(s) - 1 for series in curves.values() for runs in series.values() for s in runs), default=1)
@@ -116,8 +116,9 @@ def _round_axis(ax: Any, last: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def _colors(n: int) -> list[Any]:
+def _styles(n: int) -> list[tuple[Any, str]]:
+    """Distinct (color, line style) pairs: the ten tab10 colors, solid first, then dashed, then dotted."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20" if n > 10 else "tab10"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    cmap = colormaps["tab10"]
+    return [(cmap(i % 10), ("-", "--", ":")[(i // 10) % 3]) for i in range(n)]

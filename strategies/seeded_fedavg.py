@@ -51,7 +51,7 @@ def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     """Ordered dict of numpy arrays -> ArrayRecord."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
 
 
 class SeededFedAvg(FedAvg):

@@ -45,3 +45,26 @@ def test_weighted_mean_reference():
 def test_eta_one_with_plain_mean_is_classic_average():
     new = apply_server_lr(GLOBAL, flower_aggregate("unit-weight"), 1.0)
     np.testing.assert_allclose(new["w"], np.mean([c["w"] for c in CLIENTS], axis=0), rtol=1e-6)
+
+
+def test_state_conversions_keep_zero_dimensional_entries():
+    """BatchNorm's num_batches_tracked and cached scalars are 0-d: they must survive the records."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from flip_fl.client import ClientState
+    from flip_fl.client_app import read_state, write_state
+    from flip_fl.models import create_model
+    from strategies.seeded_fedavg import arrays_to_numpy, numpy_to_arrays
+
+    model = create_model("resnet32", 10, 3, 32)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    back = arrays_to_numpy(numpy_to_arrays(state))
+    assert all(back[k].shape == v.shape and back[k].dtype == v.dtype for k, v in state.items())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    write_state(context, ClientState(arrays={"flag": np.asarray(True), "sizes": np.ones((2, 2))}, values={"n": 3}))
+    restored = read_state(context)
+    assert restored.arrays["flag"].shape == () and bool(restored.arrays["flag"]) is True
+    assert restored.arrays["sizes"].shape == (2, 2) and restored.values == {"n": 3}
