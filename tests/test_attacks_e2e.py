@@ -28,14 +28,6 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and multi-threaded torch stalls when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def simulate(out: Path, *overrides: str) -> list[dict[str, Any]]:
     run(tiny_config(*overrides, base=BASE), out, echo=False)

@@ -37,14 +37,6 @@ ATTACKING = RoundInfo(server_round=1, malicious=True, attacking=True, attacker_i
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and multi-threaded torch stalls when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def cfg(*overrides: str) -> Config:
     return tiny_config(*overrides, base=BASE)
