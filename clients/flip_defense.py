@@ -4,16 +4,19 @@ Each round, on its own data and with no knowledge of any real trigger:
 
 1. Warm-up, the first time this partition is selected: one batched universal inversion over every
    target class (sources: `flip.samples_per_class` local images of every other class) fills the
-   class x class matrix of trigger sizes (`TriggerCache.mask_sizes`).
-2. Then, batch by batch (at most `flip.max_batches` per round over `flip.local_epochs`): every
+   class x class matrix of trigger sizes (`TriggerCache.mask_sizes`) and caches the universal triggers.
+   With `flip.refresh_steps` > 0 (an extension) it is repeated, warm-started, on every later selection.
+2. Universal batches (`flip.universal_batches`, as in the official warm-up): the first batches after a
+   warm-up are hardened with the universal triggers within the size cap, one target per batch.
+3. Pair batches (at most `flip.max_batches` batches in all, over `flip.local_epochs`): every
    `flip.pair_every` batches a (source, target) pair is chosen among the sources present in the batch,
    at random with probability `flip.explore`, otherwise the pair with the smallest known trigger.
    Each batch of the pair's window inverts s->t (and t->s when `flip.symmetric` and both classes are
    present) on the batch's own images of those classes, in one batched call; the first batch uses
    `flip.pair_steps` steps, later batches `flip.repeat_steps` warm-started from the previous trigger.
-   The sizes found update the matrix; triggers within the size cap are cached.
-3. Hardening: `flip.portion` of the eligible images (the source-class images of each trigger found)
-   are stamped in place, labels stay true, and the model (in train mode) takes one Adam step.
+   The sizes found update the matrix; triggers are cached as warm starts.
+4. Hardening: `flip.portion` of the eligible images (the source-class images of each trigger found
+   within the cap) are stamped, labels stay true, and the model (in train mode) takes one Adam step.
    A batch in which the pair's source class is missing is skipped, as in the official code.
 
 The cache (sizes, warm-up flag, recent triggers in float16) lives in `self.state`, which Flower keeps per
@@ -49,10 +52,11 @@ class FlipDefenseClient(BenignClient):
     """Benign client that hardens the model against inverted triggers (the `flip.*` settings).
 
     With `flip.harden: false` it trains exactly like `BenignClient` (ablation without hardening).
-    Metrics per round: `invert_seconds`, `harden_seconds`, `flip_warmup` (1 in the warm-up round),
-    `flip_warmup_found` (targets with a universal trigger within the cap), `flip_inversions` (pair
-    inversion calls), `flip_directions` (directions inverted), `flip_triggers_found`,
-    `flip_images_stamped`, `flip_batches_trained`, `flip_batches_skipped`, `train_loss`, `train_steps`.
+    Metrics per round: `invert_seconds`, `harden_seconds` (stamping and training steps), `flip_warmup` /
+    `flip_refresh` (1 in a warm-up / refresh round), `flip_warmup_found` (universal triggers within the
+    cap), `flip_universal_batches`, `flip_inversions` (pair inversion calls), `flip_directions`
+    (directions inverted), `flip_triggers_found` (pair triggers within the cap), `flip_images_stamped`,
+    `flip_batches_trained`, `flip_batches_skipped`, `train_loss`, `train_steps`.
     """
 
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
@@ -61,17 +65,21 @@ class FlipDefenseClient(BenignClient):
         model = self.model_from(global_state)
         cache = self.load_cache()
         stats = dict.fromkeys(("invert_seconds", "harden_seconds", "flip_warmup", "flip_refresh", "flip_warmup_found",
-                               "flip_inversions", "flip_directions", "flip_triggers_found", "flip_images_stamped",
-                               "flip_batches_trained", "flip_batches_skipped"), 0.0)
+                               "flip_universal_batches", "flip_inversions", "flip_directions", "flip_triggers_found",
+                               "flip_images_stamped", "flip_batches_trained", "flip_batches_skipped"), 0.0)
         inv_gen = self.generator(info.server_round, STREAM_INVERT)
         refresh = cache.warmed_up and self.cfg.flip.refresh_steps > 0
+        universal: list[tuple[int, Trigger]] = []
         if not cache.warmed_up or refresh:
             start = time.perf_counter()
             steps = self.cfg.flip.refresh_steps if refresh else self.cfg.flip.warmup_steps
-            stats["flip_warmup_found"] = float(self.warm_up(model, cache, steps, inv_gen))
+            universal = self.warm_up(model, cache, steps, inv_gen)
+            stats["flip_warmup_found"] = float(len(universal))
             stats["flip_refresh" if refresh else "flip_warmup"] = 1.0
             stats["invert_seconds"] += time.perf_counter() - start
-        loss_sum = self.harden(model, cache, info, inv_gen, stats)
+        if not self.cfg.flip.universal_batches:
+            universal = []
+        loss_sum = self.harden(model, cache, info, inv_gen, stats, universal)
         steps = stats["flip_batches_trained"]
         self.save_cache(cache)
         return FitResult(state_on_cpu(model), len(self.data),
@@ -85,9 +93,12 @@ class FlipDefenseClient(BenignClient):
         return InversionSettings(steps=steps, init_cost=f.init_cost, success_threshold=f.success_threshold,
                                  max_mask_fraction=f.max_mask_fraction, reinit_noise=f.reinit_noise)
 
-    def warm_up(self, model: nn.Module, cache: TriggerCache, steps: int, generator: torch.Generator) -> int:
-        """Universal inversion for every target at once (warm-started from cached universal triggers);
-        records sizes and triggers, returns how many are within the size cap."""
+    def warm_up(self, model: nn.Module, cache: TriggerCache, steps: int,
+                generator: torch.Generator) -> list[tuple[int, Trigger]]:
+        """Universal inversion for every target at once (warm-started from cached universal triggers).
+
+        Records every size and trigger in the cache; returns the (target, trigger) pairs within the size cap.
+        """
         per_class = self.cfg.flip.samples_per_class
         labels = self.data.labels
         images = {}
@@ -111,7 +122,9 @@ class FlipDefenseClient(BenignClient):
             cache.record(UNIVERSAL, t, result.masks[t] if ok else None, result.patterns[t] if ok else None,
                          float(result.mask_l1[t]))
         cache.warmed_up = True
-        return int((result.success & (result.mask_l1 <= self.cfg.flip.max_mask_fraction * h * w)).sum())
+        cap = self.cfg.flip.max_mask_fraction * h * w
+        return [(t, (result.masks[t], result.patterns[t])) for t in range(len(tasks))
+                if bool(result.success[t]) and float(result.mask_l1[t]) <= cap]
 
     def invert_pair(self, model: nn.Module, cache: TriggerCache, x: torch.Tensor, y: torch.Tensor,
                     directions: list[Direction], previous: dict[Direction, Trigger],
@@ -143,8 +156,12 @@ class FlipDefenseClient(BenignClient):
     # ------------------------------------------------------------------ hardening
 
     def harden(self, model: nn.Module, cache: TriggerCache, info: RoundInfo, inv_gen: torch.Generator,
-               stats: dict[str, float]) -> float:
-        """The round's batch loop: pair schedule, inversion, stamping and Adam steps; returns the summed loss."""
+               stats: dict[str, float], universal: list[tuple[int, Trigger]]) -> float:
+        """The round's batch loop; returns the summed training loss.
+
+        The first batches harden the universal triggers of `universal`, one target per batch (all its
+        non-target images eligible); every later batch follows the pair schedule.
+        """
         f = self.cfg.flip
         n = self.data.num_classes
         batch_gen = self.generator(info.server_round, STREAM_BATCHES)
@@ -153,50 +170,61 @@ class FlipDefenseClient(BenignClient):
                                                       generator=self.generator(info.server_round, STREAM_PAIRS))))
         optimizer = torch.optim.Adam(model.parameters(), lr=f.lr, betas=(f.betas[0], f.betas[1]))
         batch_size = f.batch_size or self.cfg.client.batch_size
+        queue = list(universal)
         pair: Direction | None = None
         previous: dict[Direction, Trigger] = {}
-        seen, loss_sum = 0, 0.0
+        seen, pair_batches, loss_sum = 0, 0, 0.0
         for _ in range(f.local_epochs):
             for idx in batch_indices(len(self.data), batch_size, batch_gen):
                 if f.max_batches is not None and seen >= f.max_batches:
                     return loss_sum
-                x, y = self.data.batch(idx)
-                counts = torch.bincount(y, minlength=n)
-                present = [cl for cl in range(n) if counts[cl] >= MIN_CLASS_IMAGES]
-                if seen % f.pair_every == 0:
-                    pair = cache.select_pair(rng, f.explore, sources=present) if present else None
-                    previous = {}
                 seen += 1
-                if pair is None or counts[pair[0]] < MIN_CLASS_IMAGES:
-                    stats["flip_batches_skipped"] += 1
-                    continue
-                s, t = pair
-                directions = [(s, t)] + ([(t, s)] if f.symmetric and counts[t] >= MIN_CLASS_IMAGES else [])
+                x, y = self.data.batch(idx)
+                if queue:
+                    t, (mask, pattern) = queue.pop(0)
+                    found: dict[Direction, Trigger] = {(UNIVERSAL, t): (mask, pattern)}
+                    stats["flip_universal_batches"] += 1
+                else:
+                    counts = torch.bincount(y, minlength=n)
+                    present = [c for c in range(n) if counts[c] >= MIN_CLASS_IMAGES]
+                    if pair_batches % f.pair_every == 0:
+                        pair = cache.select_pair(rng, f.explore, sources=present) if present else None
+                        previous = {}
+                    pair_batches += 1
+                    if pair is None or counts[pair[0]] < MIN_CLASS_IMAGES:
+                        stats["flip_batches_skipped"] += 1
+                        continue
+                    s, t = pair
+                    directions = [(s, t)] + ([(t, s)] if f.symmetric and counts[t] >= MIN_CLASS_IMAGES else [])
+                    start = time.perf_counter()
+                    found = previous = self.invert_pair(model, cache, x, y, directions, previous, inv_gen)
+                    stats["invert_seconds"] += time.perf_counter() - start
+                    stats["flip_inversions"] += 1
+                    stats["flip_directions"] += len(directions)
+                    stats["flip_triggers_found"] += len(found)
                 start = time.perf_counter()
-                previous = self.invert_pair(model, cache, x, y, directions, previous, inv_gen)
-                stats["invert_seconds"] += time.perf_counter() - start
-                stats["flip_inversions"] += 1
-                stats["flip_directions"] += len(directions)
-                stats["flip_triggers_found"] += len(previous)
-
-                start = time.perf_counter()
-                if previous:
-                    keys = list(previous)
-                    masks = torch.stack([previous[k][0] for k in keys])
-                    patterns = torch.stack([previous[k][1] for k in keys])
-                    x, stamped = harden_batch(x, y, masks, patterns, f.portion, stamp_gen,
-                                              sources=[[src] for src, _ in keys])
+                if found:
+                    keys = list(found)
+                    sources = [[c for c in range(n) if c != t] if s == UNIVERSAL else [s] for s, t in keys]
+                    x, stamped = harden_batch(x, y, torch.stack([found[k][0] for k in keys]),
+                                              torch.stack([found[k][1] for k in keys]), f.portion, stamp_gen,
+                                              sources=sources)
                     stats["flip_images_stamped"] += stamped
-                model.train()
-                x, y = x.to(self.device), y.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach())
+                loss_sum += self.train_step(model, optimizer, x, y)
                 stats["flip_batches_trained"] += 1
                 stats["harden_seconds"] += time.perf_counter() - start
         return loss_sum
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor) -> float:
+        """One optimiser step on the (stamped) batch with its true labels, model in train mode."""
+        model.train()
+        x, y = x.to(self.device), y.to(self.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
 
     # ------------------------------------------------------------------ persistence
 

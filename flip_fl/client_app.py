@@ -7,6 +7,7 @@ the dataset cache is keyed by config, per-client state travels in `context.state
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,9 @@ def train(msg: Message, context: Context) -> Message:
     attacker_index = int(conf["attacker-index"])
     info = RoundInfo(server_round=int(conf["server-round"]), malicious=bool(conf["malicious"]),
                      attacking=bool(conf["attacking"]), attacker_index=attacker_index if attacker_index >= 0 else None)
+    start = time.perf_counter()
     result = client.fit(msg.content["arrays"].to_torch_state_dict(), info)
+    result.metrics.setdefault("train_seconds", time.perf_counter() - start)
     write_state(context, client.state)
     weights = MetricRecord({"num-examples": int(result.num_examples), "unit-weight": 1})
     metrics = ConfigRecord({k: float(v) for k, v in result.metrics.items()})

@@ -125,6 +125,7 @@ class FlipConfig:
     warmup_steps: int = key(400, "Steps of the universal warm-up inversion (every target at once) on a client's first selection (MNIST 400, F-MNIST 600, CIFAR-10 600).", ge=0)
     refresh_steps: int = key(0, "Steps of a universal re-inversion, warm-started from the cached universal triggers, on every later selection, so the pair ranking follows the changing global model (0: never, as in the paper).", ge=0)
     samples_per_class: int = key(5, "Local images per class used by the warm-up inversion (the official code uses 1).", ge=1)
+    universal_batches: bool = key(True, "After a warm-up (or refresh), harden the first batches with the universal triggers found within the size cap, one target per batch, all non-target images eligible (as the official warm-up does, which has no cap).")
     pair_steps: int = key(200, "Inversion steps on the first batch of a selected (source, target) pair (MNIST 200, F-MNIST 400, CIFAR-10 200).", ge=1)
     repeat_steps: int = key(50, "Inversion steps on the following batches of the same pair, warm-started from its last trigger (MNIST 50, F-MNIST 100, CIFAR-10 50).", ge=1)
     pair_every: int = key(2, "Batches per selected pair: a new pair is chosen every pair_every batches (all datasets 2).", ge=1)

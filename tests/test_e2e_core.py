@@ -10,8 +10,9 @@ from flip_fl.simulation import SimulationError, run
 from tests.tiny import tiny_config
 
 def strip_timings(row: dict) -> dict:
-    """A metrics row without its wall-clock measurements (every key ending in 'seconds')."""
-    return {k: v for k, v in row.items() if not k.endswith("seconds")}
+    """A metrics row without its wall-clock measurements (every key ending in 'seconds', per client too)."""
+    return {k: {p: strip_timings(m) for p, m in v.items()} if k == "client_metrics" else v
+            for k, v in row.items() if not k.endswith("seconds")}
 
 
 def test_poisoned_federation_learns_and_is_backdoored(tmp_path: Path):

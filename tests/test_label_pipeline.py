@@ -88,3 +88,19 @@ def test_attacker_computes_and_caches_its_own_labels(tmp_path: Path):
     assert (tmp_path / "w" / "flip_labels.npy").is_file()
     again = FlipLabelClient(cfg, 0, data, torch.device("cpu"), ClientState(), tmp_path / "w")
     assert np.array_equal(again.flip_labels(), labels)
+
+
+def test_optimised_flips_backdoor_and_beat_random_flips(tmp_path: Path):
+    """configs/flip_labels_synthetic.yaml at budgets 1% and 5%: PTA grows with the budget and the
+    optimised flips beat the same number of random flips to the target (the check that matching works)."""
+    from flip_fl.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "flip_labels_synthetic.yaml", ["labels.budgets=[30, 150]"])
+    train, test = load_datasets(cfg)
+    run_stages(cfg, train, test, tmp_path, ["experts", "labels", "flips", "user"], log=lambda line: None)
+    rows = (tmp_path / "user" / "results.csv").read_text().splitlines()[1:]
+    pta = {(int(b), kind): float(p) for b, _, kind, _, p in (r.split(",") for r in rows)}
+    assert pta[(150, "flip")] > pta[(30, "flip")] + 0.2
+    assert pta[(150, "flip")] >= 0.4 and pta[(150, "flip")] >= pta[(150, "random")] + 0.3
+    flipped = np.load(tmp_path / "flips" / "indices_150.npy")
+    assert (train.labels.numpy()[flipped] == cfg.attack.source_label).mean() > 0.9  # images of the source class

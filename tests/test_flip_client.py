@@ -1,0 +1,197 @@
+"""FlipDefenseClient: per-partition cache persistence, hardening semantics and trigger recovery (CPU, seconds).
+
+A tiny_cnn on 16x16 synthetic images is trained centrally with a 3x3 white patch (bottom-right,
+`pixel_pattern`) relabelled to class 2; the client only ever sees the model and its own clean data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from clients import BenignClient, FlipDefenseClient
+from clients.flip_defense import CACHE_PREFIX
+from flip_fl.attack import build_trigger
+from flip_fl.client import ClientState, RoundInfo
+from flip_fl.client_app import read_state, write_state
+from flip_fl.data import client_dataset, load_datasets
+from flip_fl.hardening import UNIVERSAL, TriggerCache
+from flip_fl.models import build_model
+from flip_fl.poisoning import poison_batch
+from flip_fl.schema import ConfigError
+from flip_fl.training import predict_probs, sgd, train_epochs
+from tests.tiny import tiny_config
+
+TARGET = 2
+SMALL = ("data.synthetic.image_size=16", "data.synthetic.train_size=2000", "data.synthetic.test_size=400",
+         "federation.num_clients=4", "federation.clients_per_round=4", "attack.trigger=pixel_pattern",
+         f"attack.target_label={TARGET}", "flip.samples_per_class=3", "flip.reinit_noise=0.0",
+         "flip.batch_size=64", "flip.local_epochs=1")
+FAST = SMALL + ("flip.warmup_steps=20", "flip.pair_steps=8", "flip.repeat_steps=2", "flip.max_batches=4")
+PATCH = (slice(10, 16), slice(10, 16))  # the 3x3 patch at rows/cols 12-14 plus a 2-pixel margin
+CPU = torch.device("cpu")
+
+
+def client(cfg, pid: int, state: ClientState, tmp: Path, cls=FlipDefenseClient):
+    return cls(cfg, pid, client_dataset(cfg, pid), CPU, state, tmp / f"p{pid}")
+
+
+def info(server_round: int) -> RoundInfo:
+    return RoundInfo(server_round=server_round, malicious=False, attacking=False, attacker_index=None)
+
+
+def initial_state(cfg) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_model(cfg.model, load_datasets(cfg)[0]).state_dict()
+
+
+def asr(cfg, state) -> float:
+    _, test = load_datasets(cfg)
+    model = build_model(cfg.model, test)
+    model.load_state_dict(state)
+    trigger = build_trigger(cfg.attack, test.image_shape)
+    others = test.subset((test.labels != TARGET).nonzero().flatten().numpy())
+    probs = predict_probs(model, others, CPU, 512, transform=lambda x: trigger.apply(x))
+    return float((probs.argmax(1) == TARGET).float().mean())
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """(state_dict, cfg): a tiny_cnn with a planted patch backdoor, trained centrally on poisoned data."""
+    cfg = tiny_config(*FAST)
+    train, test = load_datasets(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, train)
+    trigger = build_trigger(cfg.attack, train.image_shape)
+    train_epochs(model, train, sgd(model, 0.05, 0.9, 5e-4), epochs=8, batch_size=32, device=CPU,
+                 generator=torch.Generator().manual_seed(0),
+                 transform=lambda x, y: poison_batch(x, y, trigger, TARGET, 5))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    acc = float((predict_probs(model, test, CPU, 512).argmax(1) == test.labels).float().mean())
+    assert acc > 0.8 and asr(cfg, state) > 0.9  # precondition: a working backdoor
+    return state
+
+
+def cache_of(state: ClientState) -> TriggerCache:
+    return TriggerCache.from_arrays({k[len(CACHE_PREFIX):]: v for k, v in state.arrays.items()
+                                     if k.startswith(CACHE_PREFIX)})
+
+
+def test_cache_survives_rounds_and_does_not_leak_between_partitions(tmp_path):
+    cfg = tiny_config(*FAST)
+    g = initial_state(cfg)
+    state_a = ClientState()
+    first = client(cfg, 0, state_a, tmp_path).fit(g, info(1))
+    assert first.metrics["flip_warmup"] == 1.0
+    cache = cache_of(state_a)
+    assert cache.warmed_up and cache.num_classes == 10
+    off_diagonal = ~np.eye(10, dtype=bool)
+    assert not np.isnan(cache.mask_sizes[off_diagonal]).any()  # the warm-up measured every (source, target)
+    assert all(v.dtype == np.float16 for k, v in state_a.arrays.items() if k.endswith(("masks", "patterns")))
+
+    # through Flower's context.state, as the ClientApp stores it between rounds
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    write_state(context, state_a)
+    restored = read_state(context)
+    assert set(restored.arrays) == set(state_a.arrays)
+    assert all(np.array_equal(restored.arrays[k], v, equal_nan=True) for k, v in state_a.arrays.items())
+
+    second = client(cfg, 0, restored, tmp_path).fit(g, info(2))
+    assert second.metrics["flip_warmup"] == 0.0 and second.metrics["flip_inversions"] > 0
+    assert cache_of(restored).warmed_up
+    snapshot = {k: v.copy() for k, v in restored.arrays.items()}
+
+    other_state = ClientState()
+    other = client(cfg, 1, other_state, tmp_path).fit(g, info(2))
+    assert other.metrics["flip_warmup"] == 1.0  # a fresh partition warms up: nothing leaked to it
+    assert all(np.array_equal(snapshot[k], v, equal_nan=True) for k, v in restored.arrays.items())
+    assert not np.array_equal(cache_of(other_state).mask_sizes, cache_of(restored).mask_sizes, equal_nan=True)
+
+
+def test_hardening_keeps_true_labels_in_train_mode(backdoored, tmp_path, monkeypatch):
+    cfg = tiny_config(*FAST, "flip.warmup_steps=60", "flip.pair_steps=20", "flip.max_mask_fraction=0.1")
+    steps: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    original = FlipDefenseClient.train_step
+
+    def spy(self, model, optimizer, x, y):
+        seen = []
+        hook = model.register_forward_pre_hook(lambda module, _: seen.append(module.training))
+        try:
+            return original(self, model, optimizer, x, y)
+        finally:
+            hook.remove()
+            steps.append((x.clone(), y.clone(), all(seen) and bool(seen)))
+
+    monkeypatch.setattr(FlipDefenseClient, "train_step", spy)
+    c = client(cfg, 0, ClientState(), tmp_path)
+    data = c.data
+    result = c.fit(backdoored, info(1))
+    assert result.metrics["flip_images_stamped"] > 0 and steps
+    assert all(train_mode for _, _, train_mode in steps)
+    pool = data.batch(torch.arange(len(data)))
+    stamped = 0
+    for x, y, _ in steps:
+        for xi, yi in zip(x, y):
+            match = (pool[0] == xi).flatten(1).all(1)
+            if match.any():
+                assert int(pool[1][match][0]) == int(yi)  # an untouched image keeps its label
+            else:
+                stamped += 1
+        assert set(y.tolist()) <= set(range(10))
+    assert stamped == result.metrics["flip_images_stamped"]
+    # labels are the data's own: each step's label multiset is a sample of the partition's labels
+    assert all(np.isin(y.numpy(), data.labels.numpy()).all() for _, y, _ in steps)
+
+
+def test_client_recovers_the_planted_trigger_and_hardens_against_it(backdoored, tmp_path):
+    cfg = tiny_config(*SMALL, "flip.warmup_steps=300", "flip.pair_steps=30", "flip.repeat_steps=5",
+                      "flip.max_batches=20", "flip.local_epochs=3", "flip.max_mask_fraction=0.06")
+    state = ClientState()
+    result = client(cfg, 0, state, tmp_path).fit(backdoored, info(1))
+    cache = cache_of(state)
+    universal = [cache.masks[(UNIVERSAL, t)].sum() if (UNIVERSAL, t) in cache.masks else np.inf for t in range(10)]
+    assert int(np.argmin(universal)) == TARGET  # the Neural-Cleanse signature, found from clean local data
+    mask = cache.masks[(UNIVERSAL, TARGET)][0]
+    assert mask[PATCH].sum() / mask.sum() > 0.5  # its mass sits on the true (never revealed) patch
+    assert result.metrics["flip_warmup_found"] >= 1 and result.metrics["flip_images_stamped"] > 0
+    assert result.metrics["invert_seconds"] > 0 and result.metrics["harden_seconds"] > 0
+    assert asr(cfg, result.state) < 0.5 * asr(cfg, backdoored)  # the hardened local model lost most of it
+
+
+def test_harden_off_trains_like_a_benign_client(tmp_path):
+    cfg = tiny_config(*FAST, "flip.harden=false")
+    g = initial_state(cfg)
+    flip = client(cfg, 0, ClientState(), tmp_path).fit(g, info(3))
+    plain = client(cfg, 0, ClientState(), tmp_path, cls=BenignClient).fit(g, info(3))
+    assert all(torch.equal(flip.state[k], plain.state[k]) for k in plain.state)
+    assert flip.metrics == plain.metrics
+
+
+def test_cache_keeps_the_most_recent_pair_triggers():
+    cache = TriggerCache(num_classes=4)
+    for t in range(4):
+        cache.record(UNIVERSAL, t, np.ones((1, 2, 2)), np.ones((1, 2, 2)), 1.0)
+    for s, t in [(0, 1), (1, 2), (2, 3), (0, 1)]:  # (0, 1) stored again: now the most recent
+        cache.record(s, t, np.ones((1, 2, 2)), np.ones((1, 2, 2)), 2.0)
+    cache.prune(2)
+    assert [k for k in cache.masks if k[0] != UNIVERSAL] == [(2, 3), (0, 1)]
+    assert sum(k[0] == UNIVERSAL for k in cache.masks) == 4
+    back = TriggerCache.from_arrays(cache.to_arrays())
+    assert list(back.masks) == list(cache.masks)
+
+
+def test_flip_defaults_are_the_paper_mnist_values_and_bad_values_are_rejected():
+    f = tiny_config().flip
+    assert (f.warmup_steps, f.pair_steps, f.repeat_steps, f.pair_every, f.explore) == (400, 200, 50, 2, 0.3)
+    assert (f.success_threshold, f.max_mask_fraction, f.init_cost, f.portion) == (0.9, 0.125, 1e-3, 0.5)
+    assert (f.lr, f.betas, f.local_epochs, f.max_batches, f.symmetric, f.harden) == (0.01, [0.5, 0.9], 10, 110, True, True)
+    for override, message in [("flip.betas=[0.5]", "flip.betas"), ("flip.betas=[0.5, 1.0]", "flip.betas"),
+                              ("flip.portion=0", "flip.portion"), ("flip.pair_every=0", "flip.pair_every"),
+                              ("flip.max_mask_fraction=1.5", "flip.max_mask_fraction"),
+                              ("flip.explore=1.2", "flip.explore"), ("flip.pair_steps=0", "flip.pair_steps")]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(override)
