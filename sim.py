@@ -24,12 +24,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _parser(prog: str, description: str, *, config: str, output_dir: str,
+            override: str = "override a config key; the value is parsed as YAML (repeatable)") -> _Parser:
+    """A subcommand parser with the options every subcommand shares: --config, --set, --output-dir."""
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=config)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=override)
+    parser.add_argument("--output-dir", help=output_dir)
+    return parser
+
+
 def run_command(argv: list[str]) -> int:
-    parser = _Parser(prog="sim.py", description="Run a flip-fl federated backdoor simulation.")
-    parser.add_argument("--config", required=True, help="YAML config file (see docs/CONFIG.md)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config key; the value is parsed as YAML (repeatable)")
-    parser.add_argument("--output-dir", help="where results go (default runs/<config-name>-<timestamp>)")
+    parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.", config="YAML config file (see docs/CONFIG.md)",
+                     output_dir="where results go (default runs/<config-name>-<timestamp>)")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
     args = parser.parse_args(argv)
 
@@ -60,11 +67,10 @@ def run_command(argv: list[str]) -> int:
 
 
 def sweep_command(argv: list[str]) -> int:
-    parser = _Parser(prog="sim.py sweep", description="Run a grid of simulations and compare them (see flip_fl/sweep.py).")
-    parser.add_argument("--config", required=True, help="sweep YAML: base config, grid of key paths -> values")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config key in every run (repeatable)")
-    parser.add_argument("--output-dir", help="sweep directory (default runs/<sweep-name>); finished runs there are reused")
+    parser = _parser("sim.py sweep", "Run a grid of simulations and compare them (see flip_fl/sweep.py).",
+                     config="sweep YAML: base config, grid of key paths -> values",
+                     output_dir="sweep directory (default runs/<sweep-name>); finished runs there are reused",
+                     override="override a config key in every run (repeatable)")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster for every run")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (default 1; more finishes sooner but skews the timing columns)")
@@ -97,13 +103,11 @@ def sweep_command(argv: list[str]) -> int:
 
 
 def labels_command(argv: list[str]) -> int:
-    parser = _Parser(prog="sim.py labels", description="FLIP label-only attack pipeline (see flip_fl/label_pipeline.py).")
-    parser.add_argument("--config", required=True, help="YAML config (data, model, attack trigger/target, labels.*)")
+    parser = _parser("sim.py labels", "FLIP label-only attack pipeline (see flip_fl/label_pipeline.py).",
+                     config="YAML config (data, model, attack trigger/target, labels.*)",
+                     output_dir="pipeline directory (default runs/<config-name>); reused across stages")
     parser.add_argument("--stage", action="append", choices=["experts", "labels", "flips", "user", "all"],
                         help="stage(s) to run (repeatable; default all); finished outputs are reused")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config key; the value is parsed as YAML (repeatable)")
-    parser.add_argument("--output-dir", help="pipeline directory (default runs/<config-name>); reused across stages")
     args = parser.parse_args(argv)
 
     from flip_fl.config import load_config, to_yaml
@@ -119,10 +123,7 @@ def labels_command(argv: list[str]) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
         timings = run_stages(cfg, train, test, out_dir, stages, log=lambda line: print(line, flush=True))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

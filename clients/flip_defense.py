@@ -77,9 +77,7 @@ class FlipDefenseClient(BenignClient):
             stats["flip_warmup_found"] = float(len(universal))
             stats["flip_refresh" if refresh else "flip_warmup"] = 1.0
             stats["invert_seconds"] += time.perf_counter() - start
-        if not self.cfg.flip.universal_batches:
-            universal = []
-        loss_sum = self.harden(model, cache, info, inv_gen, stats, universal)
+        loss_sum = self.harden(model, cache, info, inv_gen, stats, universal if self.cfg.flip.universal_batches else [])
         steps = stats["flip_batches_trained"]
         self.save_cache(cache)
         return FitResult(state_on_cpu(model), len(self.data),

@@ -1,5 +1,6 @@
 """FLIP label pipeline stages (resumable, file outputs, CLI) and the label-only FL client."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from clients.flip_labels import FlipLabelClient
 from flip_fl.client import ClientState, RoundInfo
+from flip_fl.config import load_config
 from flip_fl.data import client_dataset, client_indices, load_datasets
 from flip_fl.label_pipeline import run_stages
 from flip_fl.models import build_model
@@ -93,13 +95,11 @@ def test_attacker_computes_and_caches_its_own_labels(tmp_path: Path):
 def test_optimised_flips_backdoor_and_beat_random_flips(tmp_path: Path):
     """configs/flip_labels_synthetic.yaml at budgets 1% and 5%: PTA grows with the budget and the
     optimised flips beat the same number of random flips to the target (the check that matching works)."""
-    from flip_fl.config import load_config
-
     cfg = load_config(ROOT / "configs" / "flip_labels_synthetic.yaml", ["labels.budgets=[30, 150]"])
     train, test = load_datasets(cfg)
     run_stages(cfg, train, test, tmp_path, ["experts", "labels", "flips", "user"], log=lambda line: None)
-    rows = (tmp_path / "user" / "results.csv").read_text().splitlines()[1:]
-    pta = {(int(b), kind): float(p) for b, _, kind, _, p in (r.split(",") for r in rows)}
+    with (tmp_path / "user" / "results.csv").open() as fh:
+        pta = {(int(r["budget"]), r["labels"]): float(r["pta"]) for r in csv.DictReader(fh)}
     assert pta[(150, "flip")] > pta[(30, "flip")] + 0.2
     assert pta[(150, "flip")] >= 0.4 and pta[(150, "flip")] >= pta[(150, "random")] + 0.3
     flipped = np.load(tmp_path / "flips" / "indices_150.npy")
