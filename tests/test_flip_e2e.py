@@ -1,8 +1,10 @@
 """FLIP end to end: real Flower + Ray runs of configs/synthetic_flip.yaml, FLIP against no defense.
 
-The clean starting checkpoint is trained centrally here (seconds) instead of by a federated step (1)
-of the config. Runs are seeded and repeat exactly. The bounds are the FLIP issue's: thresholded ASR at
-most a third of the undefended ASR, clean accuracy at most 5 points lower (docs/FLIP.md, "Measured").
+Runs are seeded and repeat exactly. The bounds are the FLIP issue's (docs/FLIP.md, "Measured"):
+- continuous: thresholded ASR at most a third of the undefended ASR, clean accuracy at most 5 points lower;
+- single-shot: the ASR in the rounds after the attack round (mean, and in the last round) at most half
+  of the undefended one. The attack round itself is not compared: its benign updates were computed on
+  the model before the replacement, so no client-side defense can undo the replacement in that round.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from flip_fl.training import sgd, train_epochs
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_flip.yaml"
 NO_DEFENSE = ("clients.benign=clients.BenignClient",)
+CONVERGE = ("clients.benign=clients.BenignClient", "attack.num_malicious=0", "server.initial_model=null",
+            "server.lr=1.0", "federation.num_rounds=20")  # step (1) of the config header
 
 
 @pytest.fixture(scope="module")
 def simulate(tmp_path_factory):
-    """Run the synthetic FLIP config from a centrally trained clean model; returns the metrics rows."""
+    """Run the synthetic FLIP config from a given starting model; returns the metrics rows.
+
+    `start="clean"`: a model trained centrally for 6 epochs (seconds; ~95%, still improving).
+    `start="converged"`: step (1) of the config header through Flower, 20 FedAvg rounds without attack
+    (~30 s; ~98%). The single-shot test needs it, as the paper attacks a converged model: from a model
+    that still improves, plain benign training erases a replaced backdoor within a few rounds anyway.
+    """
     root = tmp_path_factory.mktemp("flip_e2e")
     cfg = load_config(CONFIG, ["server.initial_model=null"])
     train, _ = load_datasets(cfg)
@@ -33,10 +43,14 @@ def simulate(tmp_path_factory):
     model = build_model(cfg.model, train)
     train_epochs(model, train, sgd(model, 0.05, 0.9, 5e-4), epochs=6, batch_size=32, device=torch.device("cpu"),
                  generator=torch.Generator().manual_seed(0))
-    torch.save(model.state_dict(), root / "clean.pt")
+    starts = {"clean": root / "clean.pt"}
+    torch.save(model.state_dict(), starts["clean"])
 
-    def _run(name: str, *overrides: str) -> list[dict]:
-        cfg = load_config(CONFIG, [f"server.initial_model={root / 'clean.pt'}", *overrides])
+    def _run(name: str, *overrides: str, start: str = "clean") -> list[dict]:
+        if start == "converged" and start not in starts:
+            run(load_config(CONFIG, list(CONVERGE)), root / "converged", echo=False)
+            starts[start] = root / "converged" / "final_model.pt"
+        cfg = load_config(CONFIG, [f"server.initial_model={starts[start]}", *overrides])
         run(cfg, root / name, echo=False)
         return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -61,3 +75,21 @@ def test_continuous_attack_flip_cuts_asr_to_a_third_at_close_accuracy(simulate):
         assert benign and all(m["train_seconds"] >= m["invert_seconds"] for m in benign)
     assert "client_invert_seconds" not in none[-1]
 
+
+
+
+SINGLE_SHOT = ("attack.client=clients.ModelReplacementClient", "attack.mode=single_shot", "attack.start_round=2",
+               "attack.scale=auto", "defense.threshold=0", "federation.num_rounds=5")
+
+
+def test_single_shot_flip_halves_the_asr_after_the_attack_round(simulate):
+    none = simulate("none_single_shot", *SINGLE_SHOT, *NO_DEFENSE, start="converged")
+    flip = simulate("flip_single_shot", *SINGLE_SHOT, start="converged")
+    for rows in (none, flip):
+        assert [r["round"] for r in rows if r.get("attacking")] == [2]
+    assert none[2]["asr"] > 0.9  # the replacement lands
+    after_none, after_flip = none[3:], flip[3:]  # the three rounds after the attack round
+    assert mean(after_none, "asr") > 0.5  # without a defense the backdoor outlives the attack round
+    assert mean(after_flip, "asr") <= mean(after_none, "asr") / 2
+    assert after_flip[-1]["asr"] <= after_none[-1]["asr"] / 2
+    assert mean(after_flip, "clean_acc") >= mean(after_none, "clean_acc") - 0.05
