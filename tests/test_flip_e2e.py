@@ -25,6 +25,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_flip.yaml"
 NO_DEFENSE = ("clients.benign=clients.BenignClient",)
 CONVERGE = ("clients.benign=clients.BenignClient", "attack.num_malicious=0", "server.initial_model=null",
             "server.lr=1.0", "federation.num_rounds=20")  # step (1) of the config header
+SINGLE_SHOT = ("attack.client=clients.ModelReplacementClient", "attack.mode=single_shot", "attack.start_round=2",
+               "attack.scale=auto", "defense.threshold=0", "federation.num_rounds=5")
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +76,6 @@ def test_continuous_attack_flip_cuts_asr_to_a_third_at_close_accuracy(simulate):
         benign = [m for p, m in row["client_metrics"].items() if int(p) not in row["malicious"]]
         assert benign and all(m["train_seconds"] >= m["invert_seconds"] for m in benign)
     assert "client_invert_seconds" not in none[-1]
-
-
-
-
-SINGLE_SHOT = ("attack.client=clients.ModelReplacementClient", "attack.mode=single_shot", "attack.start_round=2",
-               "attack.scale=auto", "defense.threshold=0", "federation.num_rounds=5")
 
 
 def test_single_shot_flip_halves_the_asr_after_the_attack_round(simulate):
