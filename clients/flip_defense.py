@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.benign import BenignClient
-from flip_fl.client import FitResult, RoundInfo, StateDict
+from flip_fl.client import ClientState, FitResult, RoundInfo, StateDict
 from flip_fl.hardening import UNIVERSAL, TriggerCache, harden_batch
 from flip_fl.inversion import InversionSettings, invert_triggers, universal_tasks
 from flip_fl.training import batch_indices, state_on_cpu
@@ -105,13 +105,7 @@ class FlipDefenseClient(BenignClient):
             if len(idx):
                 images[c] = self.data.batch(idx[torch.randperm(len(idx), generator=generator)[:per_class]])[0]
         tasks = universal_tasks(images, self.data.num_classes, per_class)
-        c, h, w = self.data.image_shape
-        init_m = torch.zeros(len(tasks), 1, h, w)
-        init_p = torch.zeros(len(tasks), c, h, w)
-        for t in range(len(tasks)):
-            if (UNIVERSAL, t) in cache.masks:
-                init_m[t] = torch.from_numpy(cache.masks[(UNIVERSAL, t)])
-                init_p[t] = torch.from_numpy(cache.patterns[(UNIVERSAL, t)])
+        init_m, init_p = self.warm_starts([cache.get_trigger(UNIVERSAL, t) for t in range(len(tasks))])
         # no size cap, as in the official warm-up: these triggers only rank pairs and warm-start their inversions
         settings = replace(self.settings(steps), max_mask_fraction=1.0)
         result = invert_triggers(model, tasks, settings, generator, init_masks=init_m, init_patterns=init_p)
@@ -120,6 +114,7 @@ class FlipDefenseClient(BenignClient):
             cache.record(UNIVERSAL, t, result.masks[t] if ok else None, result.patterns[t] if ok else None,
                          float(result.mask_l1[t]))
         cache.warmed_up = True
+        h, w = self.data.image_shape[1:]
         cap = self.cfg.flip.max_mask_fraction * h * w
         return [(t, (result.masks[t], result.patterns[t])) for t in range(len(tasks))
                 if bool(result.success[t]) and float(result.mask_l1[t]) <= cap]
@@ -129,16 +124,7 @@ class FlipDefenseClient(BenignClient):
                     generator: torch.Generator) -> dict[Direction, Trigger]:
         """Invert the pair's directions on this batch (one batched call); returns the triggers found."""
         f = self.cfg.flip
-        c, h, w = self.data.image_shape
-        init_m = torch.zeros(len(directions), 1, h, w)
-        init_p = torch.zeros(len(directions), c, h, w)
-        for k, (s, t) in enumerate(directions):
-            start = previous.get((s, t))
-            if start is None:
-                cached = cache.get_trigger(s, t)
-                start = None if cached is None else (torch.from_numpy(cached[0]), torch.from_numpy(cached[1]))
-            if start is not None:
-                init_m[k], init_p[k] = start
+        init_m, init_p = self.warm_starts([previous.get(d) or cache.get_trigger(*d) for d in directions])
         steps = f.repeat_steps if all(d in previous for d in directions) else f.pair_steps
         tasks = [(x[y == s], t) for s, t in directions]
         result = invert_triggers(model, tasks, self.settings(steps), generator, init_masks=init_m, init_patterns=init_p)
@@ -150,6 +136,17 @@ class FlipDefenseClient(BenignClient):
             if ok:
                 found[(s, t)] = (result.masks[k], result.patterns[k])
         return found
+
+    def warm_starts(self, starts: list[Trigger | tuple[np.ndarray, np.ndarray] | None]) -> Trigger:
+        """Stacked initial masks [N, 1, H, W] and patterns [N, C, H, W]; zeros where a start is None."""
+        c, h, w = self.data.image_shape
+        init_m = torch.zeros(len(starts), 1, h, w)
+        init_p = torch.zeros(len(starts), c, h, w)
+        for k, start in enumerate(starts):
+            if start is not None:
+                init_m[k] = torch.as_tensor(start[0])
+                init_p[k] = torch.as_tensor(start[1])
+        return init_m, init_p
 
     # ------------------------------------------------------------------ hardening
 
@@ -228,7 +225,7 @@ class FlipDefenseClient(BenignClient):
 
     def load_cache(self) -> TriggerCache:
         """This partition's cache from `self.state` (a fresh one on its first selection)."""
-        arrays = {k[len(CACHE_PREFIX):]: v for k, v in self.state.arrays.items() if k.startswith(CACHE_PREFIX)}
+        arrays = cache_arrays(self.state)
         if not arrays:
             return TriggerCache(num_classes=self.data.num_classes)
         cache = TriggerCache.from_arrays(arrays)
@@ -246,3 +243,8 @@ class FlipDefenseClient(BenignClient):
         for k in [k for k in self.state.arrays if k.startswith(CACHE_PREFIX)]:
             del self.state.arrays[k]
         self.state.arrays.update({CACHE_PREFIX + k: v for k, v in arrays.items()})
+
+
+def cache_arrays(state: ClientState) -> dict[str, np.ndarray]:
+    """The FLIP cache's arrays in a client state, without their `CACHE_PREFIX` (empty before a first fit)."""
+    return {k[len(CACHE_PREFIX):]: v for k, v in state.arrays.items() if k.startswith(CACHE_PREFIX)}

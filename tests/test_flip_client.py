@@ -14,16 +14,17 @@ import torch
 from flwr.app import Context, RecordDict
 
 from clients import BenignClient, FlipDefenseClient
-from clients.flip_defense import CACHE_PREFIX
+from clients.flip_defense import cache_arrays
 from flip_fl.attack import build_trigger
 from flip_fl.client import ClientState, RoundInfo
 from flip_fl.client_app import read_state, write_state
 from flip_fl.data import client_dataset, load_datasets
+from flip_fl.evaluation import GlobalEvaluator
 from flip_fl.hardening import UNIVERSAL, TriggerCache
 from flip_fl.models import build_model
 from flip_fl.poisoning import poison_batch
 from flip_fl.schema import ConfigError
-from flip_fl.training import predict_probs, sgd, train_epochs
+from flip_fl.training import sgd, train_epochs
 from tests.tiny import tiny_config
 
 TARGET = 2
@@ -49,21 +50,23 @@ def initial_state(cfg) -> dict[str, torch.Tensor]:
     return build_model(cfg.model, load_datasets(cfg)[0]).state_dict()
 
 
-def asr(cfg, state) -> float:
+def evaluate(cfg, state) -> dict:
+    """The server's metrics of `state` (clean accuracy, ASR on the triggered non-target test images)."""
     _, test = load_datasets(cfg)
     model = build_model(cfg.model, test)
     model.load_state_dict(state)
-    trigger = build_trigger(cfg.attack, test.image_shape)
-    others = test.subset((test.labels != TARGET).nonzero().flatten().numpy())
-    probs = predict_probs(model, others, CPU, 512, transform=lambda x: trigger.apply(x))
-    return float((probs.argmax(1) == TARGET).float().mean())
+    return GlobalEvaluator(cfg, test, CPU).evaluate(model)
+
+
+def asr(cfg, state) -> float:
+    return evaluate(cfg, state)["asr"]
 
 
 @pytest.fixture(scope="module")
 def backdoored():
     """(state_dict, cfg): a tiny_cnn with a planted patch backdoor, trained centrally on poisoned data."""
     cfg = tiny_config(*FAST)
-    train, test = load_datasets(cfg)
+    train, _ = load_datasets(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model, train)
     trigger = build_trigger(cfg.attack, train.image_shape)
@@ -71,14 +74,13 @@ def backdoored():
                  generator=torch.Generator().manual_seed(0),
                  transform=lambda x, y: poison_batch(x, y, trigger, TARGET, 5))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    acc = float((predict_probs(model, test, CPU, 512).argmax(1) == test.labels).float().mean())
-    assert acc > 0.8 and asr(cfg, state) > 0.9  # precondition: a working backdoor
+    metrics = evaluate(cfg, state)
+    assert metrics["clean_acc"] > 0.8 and metrics["asr"] > 0.9  # precondition: a working backdoor
     return state
 
 
 def cache_of(state: ClientState) -> TriggerCache:
-    return TriggerCache.from_arrays({k[len(CACHE_PREFIX):]: v for k, v in state.arrays.items()
-                                     if k.startswith(CACHE_PREFIX)})
+    return TriggerCache.from_arrays(cache_arrays(state))
 
 
 def test_cache_survives_rounds_and_does_not_leak_between_partitions(tmp_path):
