@@ -161,6 +161,7 @@ class LabelsConfig:
     label_momentum: float = key(0.5, "SGD momentum of the label logits.", ge=0.0, lt=1.0)
     budgets: list[int | float] = key([150, 300, 500, 1000, 1500], "Flip budgets: counts (int) or fractions of the training set (float in (0, 1)).")
     random_baseline: bool = key(True, "Also train user models on the same number of random flips to the target.")
+    matched_baseline: bool = key(True, "Also train user models on random flips with the FLIP flips' class make-up (per class, as many random images, given the same labels): what the choice of images adds.")
     user_epochs: int = key(200, "Epochs of each user model.", ge=1)
     user_lr: float = key(0.1, "User-model SGD learning rate (Nesterov momentum 0.9, lr x0.1 at 3/8 and 5/8 of training).", gt=0.0)
     soft: bool = key(False, "Train user models on soft labels softmax(alpha*onehot + (1-alpha)*logits) (distillation) instead of hard flips.")

@@ -18,7 +18,9 @@ class GlobalEvaluator:
 
     The ASR set is every test image whose true label differs from the target (or, with
     `attack.source_label`, every test image of that class), stamped with the full trigger (the
-    union of all pieces for DBA); each piece alone is also measured for DBA.
+    union of all pieces for DBA); each piece alone is also measured for DBA. `asr_no_trigger` is
+    the ASR on those images unstamped: the part of the ASR that is class confusion, not a backdoor
+    (label-flipping attacks raise it).
     """
 
     def __init__(self, cfg: Config, test: ImageDataset, device: torch.device) -> None:
@@ -42,6 +44,7 @@ class GlobalEvaluator:
         out: dict[str, float | None] = {**clean_metrics(probs, self.test.labels, self.threshold),
                                         "clean_loss": cross_entropy(probs, self.test.labels)}
         out.update(backdoor_metrics(self._triggered_probs(model, None), self.target, self.threshold))
+        out["asr_no_trigger"] = backdoor_metrics(predict_probs(model, self.victims, self.device, bs), self.target, 0.0)["asr"]
         if self.trigger.num_pieces > 1:
             for piece in range(self.trigger.num_pieces):
                 out[f"asr_piece{piece}"] = backdoor_metrics(self._triggered_probs(model, piece), self.target, 0.0)["asr"]

@@ -7,7 +7,8 @@ run can be resumed or continued stage by stage (`python sim.py labels --stage ..
     labels/logits_<r>.pt            optimised label logits (N x classes) of label run r
     flips/labels_<budget>.npy       the training labels with that budget's flips applied
     flips/indices_<budget>.npy      the flipped sample ids (most negative margin first)
-    user/results.csv, results.md    budget -> clean test accuracy (CTA) and poison test accuracy (PTA)
+    user/results.csv, results.md    budget -> clean test accuracy (CTA), poison test accuracy (PTA) and
+                                    PTA without the trigger, for FLIP flips and the baselines
     timings.json                    seconds per stage
 """
 
@@ -28,9 +29,9 @@ from torch import Tensor
 from flip_fl.attack import build_trigger
 from flip_fl.config import Config, LabelsConfig
 from flip_fl.data import ImageDataset
-from flip_fl.labels import (AugmentSettings, ExpertSettings, MatchSettings, UserSettings, apply_flips,
-                            evaluate_cta_pta, load_trajectory, optimize_labels, random_flips, select_flips,
-                            soft_labels, train_expert, train_user_model)
+from flip_fl.labels import (AugmentSettings, ExpertSettings, LabelScores, MatchSettings, UserSettings, apply_flips,
+                            evaluate_cta_pta, load_trajectory, matched_random_flips, optimize_labels, random_flips,
+                            select_flips, soft_labels, train_expert, train_user_model)
 from flip_fl.models import build_model
 
 STAGES = ("experts", "labels", "flips", "user")
@@ -94,7 +95,9 @@ def progress_printer(log: Callable[[str], None], every: float = 0.1) -> Callable
     return report
 
 
-def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Callable[[str], None]) -> None:
+def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Callable[[str], None],
+                test: ImageDataset | None = None) -> None:
+    """Train the experts not yet done; with `test`, score each (did it learn the trigger?) into done.json."""
     for e in range(task.settings.num_experts):
         folder = out / "experts" / f"expert_{e}"
         if (folder / DONE).is_file():
@@ -105,7 +108,13 @@ def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Cal
         log(f"experts: training expert {e + 1}/{task.settings.num_experts}")
         expert = train_expert(task.model_fn, task.x, task.y, task.trigger, task.source, task.target,
                               expert_settings(task.settings), folder, generator, progress_printer(log))
-        (folder / DONE).write_text(json.dumps({"checkpoints": expert.checkpoint_steps}))
+        record: dict[str, Any] = {"checkpoints": expert.checkpoint_steps}
+        if test is not None:
+            x_test, y_test = (t.to(task.x.device) for t in test.batch(np.arange(len(test))))
+            scores = evaluate_cta_pta(expert.model, x_test, y_test, task.trigger, task.source, task.target)
+            record["test"] = scores._asdict()
+            log(f"experts: expert {e + 1}: {_describe(scores)}")
+        (folder / DONE).write_text(json.dumps(record))
 
 
 def trajectory(task: LabelTask, out: Path) -> list:
@@ -155,9 +164,18 @@ def run_flips(task: LabelTask, out: Path, log: Callable[[str], None]) -> None:
 
 
 def _train_and_score(task: LabelTask, targets: Tensor, x_test: Tensor, y_test: Tensor,
-                     generator: torch.Generator) -> tuple[float, float]:
+                     generator: torch.Generator) -> LabelScores:
     model = train_user_model(task.model_fn, task.x, targets.to(task.x.device), user_settings(task.settings), generator)
     return evaluate_cta_pta(model, x_test, y_test, task.trigger, task.source, task.target)
+
+
+def _row(budget: int | float, flips: int, kind: str, scores: LabelScores) -> dict[str, Any]:
+    return {"budget": budget, "flips": flips, "labels": kind, "cta": scores.cta, "pta": scores.pta,
+            "pta_clean": scores.pta_clean}
+
+
+def _describe(scores: LabelScores) -> str:
+    return f"CTA {scores.cta:.4f} PTA {scores.pta:.4f} (no trigger {scores.pta_clean:.4f})"
 
 
 def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Generator,
@@ -165,26 +183,32 @@ def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Ge
     x_test, y_test = (t.to(task.x.device) for t in test.batch(np.arange(len(test))))
     y = task.y
     logits = torch.stack(load_logits(task, out)).mean(0).to(y.device) if task.settings.soft else None
-    rows = []
-    cta, pta = _train_and_score(task, y, x_test, y_test, generator)
-    rows.append({"budget": 0, "flips": 0, "labels": "clean", "cta": cta, "pta": pta})
-    log(f"user: clean labels: CTA {cta:.4f} PTA {pta:.4f}")
+    scores = _train_and_score(task, y, x_test, y_test, generator)
+    rows = [_row(0, 0, "clean", scores)]
+    log(f"user: clean labels: {_describe(scores)}")
     for budget in task.settings.budgets:
-        labels = torch.from_numpy(np.load(out / "flips" / f"labels_{budget_name(budget)}.npy")).to(y.device)
+        name = budget_name(budget)
+        labels = torch.from_numpy(np.load(out / "flips" / f"labels_{name}.npy")).to(y.device)
         n_flips = int((labels != y).sum())
         if task.settings.soft:
             assert logits is not None
             targets, kind = soft_labels(logits, y, task.settings.alpha), "flip-soft"
         else:
             targets, kind = labels, "flip"
-        cta, pta = _train_and_score(task, targets, x_test, y_test, generator)
-        rows.append({"budget": budget, "flips": n_flips, "labels": kind, "cta": cta, "pta": pta})
-        log(f"user: budget {budget} ({n_flips} flips): CTA {cta:.4f} PTA {pta:.4f}")
+        scores = _train_and_score(task, targets, x_test, y_test, generator)
+        rows.append(_row(budget, n_flips, kind, scores))
+        log(f"user: budget {budget} ({n_flips} flips): {_describe(scores)}")
+        baselines = []
         if task.settings.random_baseline:
-            idx, new = random_flips(y, n_flips, task.target, generator)
-            cta, pta = _train_and_score(task, apply_flips(y, idx, new), x_test, y_test, generator)
-            rows.append({"budget": budget, "flips": n_flips, "labels": "random", "cta": cta, "pta": pta})
-            log(f"user: budget {budget}, {n_flips} random flips to the target: CTA {cta:.4f} PTA {pta:.4f}")
+            baselines.append(("random", "random flips to the target", random_flips(y, n_flips, task.target, generator)))
+        if task.settings.matched_baseline:
+            indices = torch.from_numpy(np.load(out / "flips" / f"indices_{name}.npy")).to(y.device)
+            baselines.append(("random-same-class", "random flips of the same classes to the same labels",
+                              matched_random_flips(y, indices, labels[indices], generator)))
+        for kind, what, (idx, new) in baselines:
+            scores = _train_and_score(task, apply_flips(y, idx, new), x_test, y_test, generator)
+            rows.append(_row(budget, n_flips, kind, scores))
+            log(f"user: budget {budget}, {n_flips} {what}: {_describe(scores)}")
     write_table(out / "user", rows)
     return rows
 
@@ -196,9 +220,9 @@ def write_table(folder: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| budget | flips | labels | CTA | PTA |", "|---|---|---|---|---|"]
-    lines += [f"| {r['budget']} | {r['flips']} | {r['labels']} | {100 * r['cta']:.2f} | {100 * r['pta']:.2f} |"
-              for r in rows]
+    lines = ["| budget | flips | labels | CTA | PTA | PTA without trigger |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['budget']} | {r['flips']} | {r['labels']} | {100 * r['cta']:.2f} | {100 * r['pta']:.2f} "
+              f"| {100 * r['pta_clean']:.2f} |" for r in rows]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -214,7 +238,7 @@ def run_stages(cfg: Config, train: ImageDataset, test: ImageDataset, out: Path, 
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + STAGES.index(stage))
         started = time.time()
         if stage == "experts":
-            run_experts(task, out, generator, log)
+            run_experts(task, out, generator, log, test)
         elif stage == "labels":
             run_labels(task, out, generator, log)
         elif stage == "flips":

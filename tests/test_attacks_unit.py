@@ -98,7 +98,7 @@ def test_asr_is_measured_on_non_target_images_with_the_union_of_the_pieces():
     assert torch.equal(union, trigger.mask())
 
     out = ev.evaluate(PixelDetector(union, 2))
-    assert out["asr"] == 1.0
+    assert out["asr"] == 1.0 and out["asr_no_trigger"] == 0.0  # the detector needs the trigger
     assert sorted(k for k in out if k.startswith("asr_piece")) == [f"asr_piece{i}" for i in range(4)]
     assert all(out[f"asr_piece{i}"] < 0.05 for i in range(4))  # one piece alone is not the global trigger
 
@@ -123,6 +123,18 @@ def test_target_class_images_are_not_in_the_asr_set():
     assert (test.labels == 2).sum() > 0
     out = evaluator(c).evaluate(TrueLabel(*test.batch(slice(None)), build_trigger(c.attack, (1, 28, 28)).mask()))
     assert out["clean_acc"] == 1.0 and out["asr"] == 0.0
+
+
+def test_asr_without_trigger_counts_class_confusion():
+    """A model that answers the target for every image has ASR 1 with or without the trigger."""
+    c = cfg()
+
+    class AlwaysTarget(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(torch.full((len(x),), 2), 10).float() * 10.0
+
+    out = evaluator(c).evaluate(AlwaysTarget())
+    assert out["asr"] == 1.0 and out["asr_no_trigger"] == 1.0
 
 
 def test_each_piece_alone_is_measured():

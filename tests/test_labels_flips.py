@@ -6,6 +6,7 @@ from flip_fl.labels import (
     apply_flips,
     flip_labels_at_budgets,
     margins,
+    matched_random_flips,
     random_flips,
     resolve_budget,
     select_flips,
@@ -104,3 +105,18 @@ def test_random_flips():
     assert len(random_flips(y, 0.1, 4, torch.Generator())[0]) == 10
     with pytest.raises(ValueError):
         random_flips(y, 91, 4, torch.Generator())
+
+
+def test_matched_random_flips_keep_the_class_make_up_and_labels():
+    y = torch.arange(200) % 10
+    indices = torch.tensor([9, 19, 29, 39, 3, 13])  # four of class 9, two of class 3
+    new = torch.tensor([4, 4, 4, 1, 4, 7])
+    idx, labels = matched_random_flips(y, indices, new, torch.Generator().manual_seed(0))
+    assert len(idx) == 6 == len(set(idx.tolist()))
+    assert sorted(y[idx].tolist()) == [3, 3, 9, 9, 9, 9]
+    assert sorted(labels[y[idx] == 9].tolist()) == [1, 4, 4, 4] and sorted(labels[y[idx] == 3].tolist()) == [4, 7]
+    draws = {tuple(matched_random_flips(y, indices, new, torch.Generator().manual_seed(s))[0].tolist())
+             for s in range(5)}
+    assert len(draws) > 1  # random images of those classes, not the given ones
+    empty_idx, empty_labels = matched_random_flips(y, indices[:0], new[:0], torch.Generator())
+    assert empty_idx.numel() == 0 and empty_labels.numel() == 0

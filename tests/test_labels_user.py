@@ -22,14 +22,23 @@ def test_evaluate_cta_pta():
     x = torch.full((6, 1, 2, 2), 0.5)
     y = torch.tensor([0, 0, 1, 2, 1, 0])
     trig = lambda t: t + 0.2  # noqa: E731
-    cta, pta = evaluate_cta_pta(_Const(), x, y, trig, 1, 2)
-    assert cta == pytest.approx(3 / 6) and pta == 1.0
-    cta, pta = evaluate_cta_pta(_Const(), x, y, lambda t: t, -1, 2)
-    assert pta == 0.0
+    scores = evaluate_cta_pta(_Const(), x, y, trig, 1, 2)
+    assert scores.cta == pytest.approx(3 / 6) and scores.pta == 1.0 and scores.pta_clean == 0.0
+    scores = evaluate_cta_pta(_Const(), x, y, lambda t: t, -1, 2)
+    assert scores.pta == 0.0 and scores.pta_clean == 0.0
     # source -1: every non-target image (5 of them); only the first two get the trigger
     stamped_first = lambda t: torch.cat([t[:2] + 0.2, t[2:]])  # noqa: E731
-    _, pta = evaluate_cta_pta(_Const(), x, y, stamped_first, -1, 2, batch_size=100)
-    assert pta == pytest.approx(2 / 5)
+    scores = evaluate_cta_pta(_Const(), x, y, stamped_first, -1, 2, batch_size=100)
+    assert scores.pta == pytest.approx(2 / 5)
+
+
+def test_pta_clean_counts_source_images_predicted_as_target_without_trigger():
+    x = torch.tensor([0.5, 0.9, 0.9, 0.5, 0.9]).view(5, 1, 1, 1).expand(5, 1, 2, 2)
+    y = torch.tensor([1, 1, 1, 1, 0])  # images of class 1 at brightness 0.5, 0.9, 0.9, 0.5
+    scores = evaluate_cta_pta(_Const(), x, y, lambda t: t + 0.4, 1, 2)
+    # _Const predicts 2 when brightness > 0.6: two of four class-1 images clean, all four triggered
+    assert scores.pta_clean == pytest.approx(2 / 4) and scores.pta == 1.0
+    assert scores.cta == 0.0
 
 
 def test_soft_labels():
@@ -56,10 +65,10 @@ def test_train_user_model_hard_and_soft():
     settings = TrainSettings(epochs=10, batch_size=32, lr=0.1, augment=AugmentSettings(enabled=False))
     model = train_user_model(model_fn, x, y, settings, g)
     assert not model.training
-    assert evaluate_cta_pta(model, xt, yt, trigger, 0, 1)[0] > 0.9
+    assert evaluate_cta_pta(model, xt, yt, trigger, 0, 1).cta > 0.9
     soft = soft_labels(5 * torch.nn.functional.one_hot(y, 3).float(), y, 0.5)
     model = train_user_model(model_fn, x, soft, settings, g)
-    assert evaluate_cta_pta(model, xt, yt, trigger, 0, 1)[0] > 0.9
+    assert evaluate_cta_pta(model, xt, yt, trigger, 0, 1).cta > 0.9
 
 
 def test_train_user_model_rejects_ambiguous_targets():

@@ -5,7 +5,8 @@ Pipeline on plain tensors (``x``: N x C x H x W in [0, 1], ``y``: N int64):
 1. :func:`train_expert` (x :func:`load_trajectory`): train on clean + triggered source copies,
    record model and optimizer state;
 2. :func:`optimize_labels`: trajectory matching on per-image logits;
-3. :func:`flip_labels_at_budgets` / :func:`select_flips` (baseline :func:`random_flips`);
+3. :func:`flip_labels_at_budgets` / :func:`select_flips` (baselines :func:`random_flips`,
+   :func:`matched_random_flips`);
 4. :func:`train_user_model` on the flipped hard labels (or :func:`soft_labels`), then
    :func:`evaluate_cta_pta`.
 """
@@ -18,6 +19,7 @@ from .flips import (
     apply_flips,
     flip_labels_at_budgets,
     margins,
+    matched_random_flips,
     random_flips,
     resolve_budget,
     select_flips,
@@ -29,14 +31,14 @@ from .matching import (
     optimize_labels,
     sgd_step_functional,
 )
-from .user import UserSettings, evaluate_cta_pta, predict, soft_labels, train_user_model
+from .user import LabelScores, UserSettings, evaluate_cta_pta, predict, soft_labels, train_user_model
 
 __all__ = [
     "AugmentSettings", "augment", "paired_augment",
     "TrainSettings", "soft_cross_entropy",
     "Checkpoint", "Expert", "ExpertSettings", "checkpoint_steps", "load_trajectory", "train_expert",
-    "aggregate_margins", "apply_flips", "flip_labels_at_budgets", "margins", "random_flips",
-    "resolve_budget", "select_flips",
+    "aggregate_margins", "apply_flips", "flip_labels_at_budgets", "margins", "matched_random_flips",
+    "random_flips", "resolve_budget", "select_flips",
     "MatchSettings", "SGDHyper", "momentum_buffers", "optimize_labels", "sgd_step_functional",
-    "UserSettings", "evaluate_cta_pta", "predict", "soft_labels", "train_user_model",
+    "LabelScores", "UserSettings", "evaluate_cta_pta", "predict", "soft_labels", "train_user_model",
 ]

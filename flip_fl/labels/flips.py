@@ -124,3 +124,22 @@ def random_flips(
         raise ValueError(f"budget {k} exceeds the {len(candidates)} non-target images")
     idx = candidates[torch.randperm(len(candidates), generator=generator)[:k]].to(y.device)
     return idx, torch.full_like(idx, target)
+
+
+def matched_random_flips(
+    y: Tensor, indices: Tensor, new_labels: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Baseline with the class make-up of given flips: for every class, as many random images of
+    that class as ``indices`` holds, given the labels ``new_labels`` gave that class.
+
+    It separates what trajectory matching adds by *which* images it picks from what any flips of
+    those classes to those labels do -> ``(indices, labels)``.
+    """
+    y_cpu, picked, new = y.cpu(), indices.cpu(), new_labels.cpu()
+    chosen, relabel = [picked[:0]], [new[:0]]
+    for c in torch.unique(y_cpu[picked]).tolist():
+        of_class = y_cpu[picked] == c
+        members = torch.nonzero(y_cpu == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[: int(of_class.sum())]])
+        relabel.append(new[of_class])
+    return torch.cat(chosen).to(y.device), torch.cat(relabel).to(y.device)

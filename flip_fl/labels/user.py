@@ -9,6 +9,7 @@ probabilities (knowledge distillation, from :func:`soft_labels`) train with soft
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,19 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     return out
 
 
+class LabelScores(NamedTuple):
+    """Scores of a model trained on (possibly poisoned) labels, fractions in [0, 1].
+
+    ``pta_clean`` is the part of ``pta`` that needs no trigger: relabelling many images of the
+    source class teaches a model to confuse the class with the target even on clean images, so
+    only ``pta - pta_clean`` is a backdoor.
+    """
+
+    cta: float
+    pta: float
+    pta_clean: float
+
+
 def evaluate_cta_pta(
     model: nn.Module,
     x_test: Tensor,
@@ -83,11 +97,10 @@ def evaluate_cta_pta(
     source: int,
     target: int,
     batch_size: int = 1024,
-) -> tuple[float, float]:
-    """``(CTA, PTA)`` as fractions in [0, 1].
-
-    CTA: accuracy on the clean test set. PTA: fraction of triggered test images of the source class
-    (every non-target class when ``source == -1``) predicted as ``target``.
+) -> LabelScores:
+    """CTA: accuracy on the clean test set. PTA: fraction of triggered test images of the source
+    class (every non-target class when ``source == -1``) predicted as ``target``. PTA clean: the
+    same fraction on those images without the trigger.
     """
     cta = (predict(model, x_test, batch_size) == y_test).float().mean().item()
     carriers = x_test[source_mask(y_test, source, target)]
@@ -96,4 +109,5 @@ def evaluate_cta_pta(
     stamped = torch.cat([apply_trigger(carriers[i : i + batch_size])
                          for i in range(0, len(carriers), batch_size)])
     pta = (predict(model, stamped, batch_size) == target).float().mean().item()
-    return cta, pta
+    pta_clean = (predict(model, carriers, batch_size) == target).float().mean().item()
+    return LabelScores(cta, pta, pta_clean)
