@@ -240,8 +240,8 @@ class FlipDefenseClient(BenignClient):
         arrays = cache.to_arrays()
         for name in ("masks", "patterns"):
             arrays[name] = arrays[name].astype(np.float16)
-        for k in [k for k in self.state.arrays if k.startswith(CACHE_PREFIX)]:
-            del self.state.arrays[k]
+        for k in cache_arrays(self.state):
+            del self.state.arrays[CACHE_PREFIX + k]
         self.state.arrays.update({CACHE_PREFIX + k: v for k, v in arrays.items()})
 
 

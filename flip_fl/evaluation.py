@@ -30,7 +30,8 @@ class GlobalEvaluator:
         self.trigger = build_trigger(cfg.attack, test.image_shape)
         source = cfg.attack.source_label
         victims = test.labels == source if source >= 0 else test.labels != self.target
-        self.victims = test.subset(victims.nonzero().flatten().numpy())
+        self.victim_ids = victims.nonzero().flatten()
+        self.victims = test.subset(self.victim_ids.numpy())
 
     def _triggered_probs(self, model: nn.Module, piece: int | None) -> torch.Tensor:
         return predict_probs(model, self.victims, self.device, self.cfg.server.eval_batch_size,
@@ -44,7 +45,7 @@ class GlobalEvaluator:
         out: dict[str, float | None] = {**clean_metrics(probs, self.test.labels, self.threshold),
                                         "clean_loss": cross_entropy(probs, self.test.labels)}
         out.update(backdoor_metrics(self._triggered_probs(model, None), self.target, self.threshold))
-        out["asr_no_trigger"] = backdoor_metrics(predict_probs(model, self.victims, self.device, bs), self.target, 0.0)["asr"]
+        out["asr_no_trigger"] = backdoor_metrics(probs[self.victim_ids], self.target, 0.0)["asr"]
         if self.trigger.num_pieces > 1:
             for piece in range(self.trigger.num_pieces):
                 out[f"asr_piece{piece}"] = backdoor_metrics(self._triggered_probs(model, piece), self.target, 0.0)["asr"]

@@ -51,11 +51,16 @@ class LabelTask:
     settings: LabelsConfig
 
 
+def all_on(data: ImageDataset, device: torch.device) -> tuple[Tensor, Tensor]:
+    """All of `data` as (images, labels) on `device`."""
+    x, y = data.batch(np.arange(len(data)))
+    return x.to(device), y.to(device)
+
+
 def make_task(cfg: Config, data: ImageDataset, device: torch.device) -> LabelTask:
     """A LabelTask over all of `data` (a whole training set, or one client's partition)."""
-    x, y = data.batch(np.arange(len(data)))
     trigger = build_trigger(cfg.attack, data.image_shape)
-    return LabelTask(x.to(device), y.to(device), lambda: build_model(cfg.model, data).to(device),
+    return LabelTask(*all_on(data, device), lambda: build_model(cfg.model, data).to(device),
                      lambda images: trigger.apply(images), cfg.attack.source_label, cfg.attack.target_label, cfg.labels)
 
 
@@ -98,6 +103,7 @@ def progress_printer(log: Callable[[str], None], every: float = 0.1) -> Callable
 def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Callable[[str], None],
                 test: ImageDataset | None = None) -> None:
     """Train the experts not yet done; with `test`, score each (did it learn the trigger?) into done.json."""
+    test_tensors = None if test is None else all_on(test, task.x.device)
     for e in range(task.settings.num_experts):
         folder = out / "experts" / f"expert_{e}"
         if (folder / DONE).is_file():
@@ -109,9 +115,8 @@ def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Cal
         expert = train_expert(task.model_fn, task.x, task.y, task.trigger, task.source, task.target,
                               expert_settings(task.settings), folder, generator, progress_printer(log))
         record: dict[str, Any] = {"checkpoints": expert.checkpoint_steps}
-        if test is not None:
-            x_test, y_test = (t.to(task.x.device) for t in test.batch(np.arange(len(test))))
-            scores = evaluate_cta_pta(expert.model, x_test, y_test, task.trigger, task.source, task.target)
+        if test_tensors is not None:
+            scores = evaluate_cta_pta(expert.model, *test_tensors, task.trigger, task.source, task.target)
             record["test"] = scores._asdict()
             log(f"experts: expert {e + 1}: {_describe(scores)}")
         (folder / DONE).write_text(json.dumps(record))
@@ -180,7 +185,7 @@ def _describe(scores: LabelScores) -> str:
 
 def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Generator,
              log: Callable[[str], None]) -> list[dict[str, Any]]:
-    x_test, y_test = (t.to(task.x.device) for t in test.batch(np.arange(len(test))))
+    x_test, y_test = all_on(test, task.x.device)
     y = task.y
     logits = torch.stack(load_logits(task, out)).mean(0).to(y.device) if task.settings.soft else None
     scores = _train_and_score(task, y, x_test, y_test, generator)
