@@ -1,4 +1,4 @@
-"""flip-fl command line: run a simulation, or print the config reference.
+"""flip-fl command line: run a simulation, a sweep, the FLIP label-attack pipeline, or print the config reference.
 
     python sim.py --config FILE [--set key.path=value ...] [--output-dir DIR] [--ray-address ADDR]
     python sim.py config-docs
@@ -6,146 +6,10 @@
     python sim.py labels --config FILE [--stage experts|labels|flips|user|all ...] [--set ...] [--output-dir DIR]
 
 Exit codes: 0 success, 2 bad input (one line naming the key, file or value), 1 runtime failure.
+This file wraps `flip_fl.experiments.cli` (also installed as the `flip-fl` command).
 """
 
-from __future__ import annotations
-
-import argparse
-import datetime as dt
-import sys
-from pathlib import Path
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see python sim.py --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _parser(prog: str, description: str, *, config: str, output_dir: str,
-            override: str = "override a config key; the value is parsed as YAML (repeatable)") -> _Parser:
-    """A subcommand parser with the options every subcommand shares: --config, --set, --output-dir."""
-    parser = _Parser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help=config)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=override)
-    parser.add_argument("--output-dir", help=output_dir)
-    return parser
-
-
-def run_command(argv: list[str]) -> int:
-    parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.", config="YAML config file (see docs/CONFIG.md)",
-                     output_dir="where results go (default runs/<config-name>-<timestamp>)")
-    parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
-    args = parser.parse_args(argv)
-
-    from flip_fl.config import load_config
-    from flip_fl.schema import ConfigError
-
-    try:
-        cfg = load_config(args.config, args.set)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{stamp}")
-        from flip_fl.simulation import SimulationError, run
-
-        summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SimulationError as err:
-        print(f"error: simulation failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: metrics of the finished rounds are in the output directory", file=sys.stderr)
-        return 130
-    final = summary["final"]
-    print(f"done: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s | clean_acc {final['clean_acc']:.4f} "
-          f"| asr {final['asr']:.4f} | max asr {summary['max_asr']:.4f} | failures {summary['total_failures']} "
-          f"| results in {summary['output_dir']}")
-    return 0
-
-
-def sweep_command(argv: list[str]) -> int:
-    parser = _parser("sim.py sweep", "Run a grid of simulations and compare them (see flip_fl/sweep.py).",
-                     config="sweep YAML: base config, grid of key paths -> values",
-                     output_dir="sweep directory (default runs/<sweep-name>); finished runs there are reused",
-                     override="override a config key in every run (repeatable)")
-    parser.add_argument("--ray-address", help="address of an existing Ray cluster for every run")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time (default 1; more finishes sooner but skews the timing columns)")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv/.md and plots from finished runs")
-    args = parser.parse_args(argv)
-
-    from flip_fl.schema import ConfigError
-    from flip_fl.sweep import load_sweep, run_sweep, write_report
-
-    out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
-    try:
-        sweep = load_sweep(args.config, args.set)
-        if args.report_only:
-            results = write_report(sweep, out_dir)
-        else:
-            results = run_sweep(sweep, out_dir, args.ray_address, args.jobs, echo=lambda line: print(line, flush=True))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished runs are kept; rerun the same command to continue ({out_dir})", file=sys.stderr)
-        return 130
-    bad = [r for r in results if r["status"] != "ok"]
-    print(f"sweep: {len(results) - len(bad)} of {len(results)} runs finished | table {out_dir / 'results.md'} "
-          f"| csv {out_dir / 'results.csv'}")
-    if bad and not args.report_only:
-        print(f"error: {len(bad)} runs without results (see the table and each run's log.txt)", file=sys.stderr)
-        return 1
-    return 0
-
-
-def labels_command(argv: list[str]) -> int:
-    parser = _parser("sim.py labels", "FLIP label-only attack pipeline (see flip_fl/label_pipeline.py).",
-                     config="YAML config (data, model, attack trigger/target, labels.*)",
-                     output_dir="pipeline directory (default runs/<config-name>); reused across stages")
-    parser.add_argument("--stage", action="append", choices=["experts", "labels", "flips", "user", "all"],
-                        help="stage(s) to run (repeatable; default all); finished outputs are reused")
-    args = parser.parse_args(argv)
-
-    from flip_fl.config import load_config, to_yaml
-    from flip_fl.data import load_datasets
-    from flip_fl.label_pipeline import STAGES, run_stages
-    from flip_fl.schema import ConfigError
-
-    stages = list(STAGES) if not args.stage or "all" in args.stage else args.stage
-    out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
-    try:
-        cfg = load_config(args.config, args.set)
-        train, test = load_datasets(cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        timings = run_stages(cfg, train, test, out_dir, stages, log=lambda line: print(line, flush=True))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished stage outputs are kept in {out_dir}", file=sys.stderr)
-        return 130
-    print(f"labels: stages {', '.join(timings)} done | results in {out_dir}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["config-docs"]:
-        from flip_fl.config import config_reference_markdown
-
-        sys.stdout.write(config_reference_markdown())
-        return 0
-    if argv[:1] == ["sweep"]:
-        return sweep_command(argv[1:])
-    if argv[:1] == ["labels"]:
-        return labels_command(argv[1:])
-    return run_command(argv)
-
+from flip_fl.experiments.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flip_fl.client import BaseClient, FitResult, RoundInfo, StateDict
+from flip_fl.federation.client import BaseClient, FitResult, RoundInfo, StateDict
 from flip_fl.training import sgd, state_on_cpu, train_epochs
 
 

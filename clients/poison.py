@@ -11,12 +11,12 @@ from typing import ClassVar
 import torch
 
 from clients.benign import BenignClient
-from flip_fl.attack import build_trigger
-from flip_fl.client import FitResult, RoundInfo, StateDict
+from flip_fl.attacks.triggers import build_trigger
+from flip_fl.federation.client import FitResult, RoundInfo, StateDict
 from flip_fl.config import Config
-from flip_fl.poisoning import (model_replacement_scale, num_poison_for_batch, poison_batch, project_l2, scale_update,
+from flip_fl.attacks.poisoning import (model_replacement_scale, num_poison_for_batch, poison_batch, project_l2, scale_update,
                                update_norm)
-from flip_fl.schema import ConfigError
+from flip_fl.config.schema import ConfigError
 from flip_fl.training import sgd, state_on_cpu, train_epochs
 
 

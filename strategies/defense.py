@@ -10,7 +10,7 @@ round and written into that round's metrics line (`RoundRecord.extra`):
   rescaling (norm clipping) when the rule applies one;
 - `defense_kept` / `defense_rejected`: partition ids, for rules that decide per client;
 - `detection_tp/fp/fn/tn/precision/recall/f1/rejection_rate/false_positive_rate`: rejection seen as
-  detection of the attacking clients (`flip_fl.robust.detection_scores`; positive = rejected);
+  detection of the attacking clients (`flip_fl.evaluation.detection`; positive = rejected);
 - `defense_attacker_weight`: total weight the attacking clients got (null without attackers);
 - `defense_<key>`: the rule's scalar diagnostics (clip norm, cluster size, flipped coordinates...);
 - `aggregation_seconds`: wall time of the aggregation rule itself (the defense's server cost).
@@ -26,7 +26,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from flip_fl.config import Config, max_attackers_per_round
-from flip_fl.robust import bn_statistic_mask, detection_scores, flatten_state, unflatten
+from flip_fl.defenses.common import AggregationOutcome
+from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
+from flip_fl.evaluation.detection import detection_scores
 from strategies.seeded_fedavg import SeededFedAvg, arrays_to_numpy, numpy_to_arrays
 
 
@@ -138,3 +140,30 @@ class DefenseStrategy(SeededFedAvg):
     def train_metrics(self, replies: list[Message]) -> MetricRecord | None:
         """Flower's aggregate of the replies' MetricRecords (as FedAvg reports it)."""
         return self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
+
+
+class DeltaDefense(DefenseStrategy):
+    """A rule on the trained parameters' updates; subclasses implement `rule`."""
+
+    def aggregate_rule(self, server_round: int,
+                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        updates = self.client_updates(replies)
+        params = self.parameter_mask()
+        delta = np.zeros(updates.shape[1])
+        delta[params], decision = self.rule(server_round, replies, updates[:, params])
+        assert decision.weights is not None
+        delta[~params] = decision.weights @ updates[:, ~params]
+        return self.model_from_delta(delta), self.train_metrics(replies), decision
+
+    def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
+        """(aggregate update, decision with per-client weights) from the parameter update matrix."""
+        raise NotImplementedError
+
+    def rng(self, server_round: int) -> np.random.Generator:
+        """The noise stream of a round: same seed and round, same noise."""
+        return np.random.default_rng([self.cfg.seed, server_round, 0xDEF])
+
+
+def outcome_decision(outcome: AggregationOutcome, kept: bool = False, scales: bool = False) -> Decision:
+    return Decision(weights=outcome.weights, kept=outcome.kept if kept else None,
+                    scales=outcome.arrays["scale"] if scales else None, info=dict(outcome.info))

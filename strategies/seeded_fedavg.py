@@ -4,44 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flip_fl.aggregation import apply_server_lr
+from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.config import Config
-from flip_fl.schedule import is_attack_round, malicious_ids, sample_round
+from flip_fl.federation.rounds import RoundRecord, short_reason
+from flip_fl.federation.schedule import is_attack_round, malicious_ids, sample_round
 
 
 class RoundFailedError(RuntimeError):
     """Every sampled client of a round failed: there is nothing to aggregate."""
-
-
-@dataclass
-class RoundRecord:
-    """What happened on the client side of one round (merged into that round's metrics line)."""
-
-    sampled: list[int]
-    malicious: list[int]
-    attacking: list[int]
-    started: float
-    failures: int = 0
-    failed: list[int] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    extra: dict[str, object] = field(default_factory=dict)
-
-
-def short_reason(reason: str) -> str:
-    """The client's own exception message out of a Flower/Ray error reason (which wraps tracebacks)."""
-    marker = "Message: "
-    if marker in reason:
-        reason = reason.rsplit(marker, 1)[1]
-    lines = [line.strip() for line in reason.strip().strip("'>").splitlines() if line.strip()]
-    return lines[0][:300] if lines else "unknown error"
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:

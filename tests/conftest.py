@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
+from flip_fl.federation.runtime import quiet_environment
 from tests.tiny import tiny_config
+
+quiet_environment()  # before any test module imports flwr, which reads its telemetry switch on import
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,7 +26,7 @@ def single_torch_thread():
 @pytest.fixture
 def run_sim(tmp_path: Path) -> Callable[..., tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Run a real simulation through Flower and Ray; returns (summary, metrics rows)."""
-    from flip_fl.simulation import run
+    from flip_fl.experiments.run import run
 
     def _run(*overrides: str, name: str = "run", base: dict[str, Any] | None = None):
         out = tmp_path / name

@@ -5,7 +5,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from flip_fl.aggregation import apply_server_lr, weighted_mean
+from flip_fl.defenses.updates import apply_server_lr
+from tests.reference_rules import weighted_mean
 
 rng = np.random.default_rng(0)
 GLOBAL = {"w": rng.normal(size=(3, 2)).astype(np.float32), "bn.num_batches_tracked": np.array(10, dtype=np.int64)}
@@ -52,8 +53,8 @@ def test_state_conversions_keep_zero_dimensional_entries():
     import torch
     from flwr.app import Context, RecordDict
 
-    from flip_fl.client import ClientState
-    from flip_fl.client_app import read_state, write_state
+    from flip_fl.federation.client import ClientState
+    from flip_fl.federation.client_app import read_state, write_state
     from flip_fl.models import create_model
     from strategies.seeded_fedavg import arrays_to_numpy, numpy_to_arrays
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from flip_fl.poisoning import update_norm
-from flip_fl.simulation import run
+from flip_fl.attacks.poisoning import update_norm
+from flip_fl.experiments.run import run
 from tests.tiny import tiny_config
 
 BASE = {

@@ -12,16 +12,17 @@ from torch import nn
 import clients.poison as poison_module
 import sim
 from clients import BenignClient, ModelReplacementClient, NormBoundedClient, PoisonClient
-from flip_fl.aggregation import apply_server_lr, weighted_mean
-from flip_fl.attack import build_trigger
-from flip_fl.client import ClientState, RoundInfo
+from flip_fl.defenses.updates import apply_server_lr
+from tests.reference_rules import weighted_mean
+from flip_fl.attacks.triggers import build_trigger
+from flip_fl.federation.client import ClientState, RoundInfo
 from flip_fl.config import Config, load_config
 from flip_fl.data import client_dataset, load_datasets
-from flip_fl.evaluation import GlobalEvaluator
+from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.models import build_model
-from flip_fl.poisoning import model_replacement_scale, update_norm
-from flip_fl.schedule import attack_rounds, malicious_ids
-from flip_fl.schema import ConfigError
+from flip_fl.attacks.poisoning import model_replacement_scale, update_norm
+from flip_fl.federation.schedule import attack_rounds, malicious_ids
+from flip_fl.config import ConfigError
 from tests.tiny import tiny_config
 
 BASE = {

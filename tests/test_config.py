@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from flip_fl.config import apply_overrides, config_reference_markdown, load_config, parse_override
-from flip_fl.schema import ConfigError
+from flip_fl.config import ConfigError
 from tests.tiny import tiny_config
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flip_fl.data import load_torchvision, make_synthetic, partition_dirichlet, partition_iid
-from flip_fl.schema import ConfigError
+from flip_fl.config import ConfigError
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])

@@ -1,4 +1,4 @@
-"""Defense strategies on hand-made client updates, against numpy / flip_fl.robust references.
+"""Defense strategies on hand-made client updates, against numpy / flip_fl.defenses references.
 
 The strategies run their real `aggregate_train` on Flower Messages built here (no Ray): replies
 arrive shuffled, the strategy sorts them, aggregates, applies the server learning rate and records
@@ -16,12 +16,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from scipy import stats
 
-from flip_fl import robust
-from flip_fl.config import DefenseConfig
-from flip_fl.schema import ConfigError
-from strategies import DEFENSES, build_strategy, evaluation_set
-from strategies.robust import root_split
-from strategies.seeded_fedavg import RoundRecord, arrays_to_numpy
+from flip_fl.config import ConfigError, DefenseConfig
+from flip_fl.defenses.flame import flame
+from flip_fl.defenses.fltrust import evaluation_set, root_split
+from flip_fl.defenses.foolsgold import foolsgold
+from flip_fl.defenses.krum import krum
+from flip_fl.defenses.rfa import geometric_median
+from flip_fl.defenses.updates import bn_statistic_mask, flatten_state
+from flip_fl.federation.rounds import RoundRecord
+from strategies import DEFENSES, build_strategy
+from strategies.seeded_fedavg import arrays_to_numpy
 from tests.tiny import tiny_config
 
 N, BAD = 7, 3
@@ -74,12 +78,12 @@ def aggregate(strat, global_state, updates, server_round: int = 1, attacking=(BA
     order = np.random.default_rng(server_round).permutation(N)
     new, _ = strat.aggregate_train(server_round, [reply(100 + int(i), states[i], EXAMPLES[i]) for i in order])
     keys = list(global_state)
-    U = robust.flatten_state(states, keys) - robust.flatten_state([global_state], keys)[0]
+    U = flatten_state(states, keys) - flatten_state([global_state], keys)[0]
     return arrays_to_numpy(new), U, strat.rounds[server_round].extra
 
 
 def flat(state: dict[str, np.ndarray]) -> np.ndarray:
-    return robust.flatten_state([state], list(state))[0]
+    return flatten_state([state], list(state))[0]
 
 
 def applied_delta(new, global_state) -> np.ndarray:
@@ -98,7 +102,7 @@ def assert_update(new, global_state, expected, atol: float = 1e-5) -> None:
                                - flat(global_state)[INTEGER])
 
 
-P = ~robust.bn_statistic_mask(make_global())
+P = ~bn_statistic_mask(make_global())
 
 
 def with_statistics(U: np.ndarray, param_delta: np.ndarray, weights) -> np.ndarray:
@@ -144,7 +148,7 @@ def test_fedavg_is_the_example_weighted_mean_with_server_lr():
 def test_krum_selects_one_benign_update_like_the_numpy_rule():
     g, ups = make_global(), make_updates()
     new, U, extra = aggregate(strategy("krum"), g, ups)
-    ref = robust.krum(U[:, P], num_malicious=1, strict=False)
+    ref = krum(U[:, P], num_malicious=1, strict=False)
     assert_update(new, g, with_statistics(U, ref.delta, ref.weights), atol=1e-5)
     assert extra["defense_kept"] == [int(np.flatnonzero(ref.kept)[0])] and BAD in extra["defense_rejected"]
     assert extra["detection_recall"] == 1.0 and extra["detection_tp"] == 1 and extra["detection_fp"] == N - 2
@@ -154,7 +158,7 @@ def test_krum_selects_one_benign_update_like_the_numpy_rule():
 def test_multikrum_averages_the_n_minus_f_best_weighted_by_examples():
     g, ups = make_global(), make_updates()
     new, U, extra = aggregate(strategy("multikrum"), g, ups)
-    ref = robust.krum(U[:, P], num_malicious=1, multi_k=N - 1, weights=EXAMPLES, strict=False)
+    ref = krum(U[:, P], num_malicious=1, multi_k=N - 1, weights=EXAMPLES, strict=False)
     assert_update(new, g, with_statistics(U, ref.delta, ref.weights), atol=1e-5)
     assert extra["defense_rejected"] == [BAD] and extra["detection_precision"] == 1.0
     np.testing.assert_allclose(extra["defense_weights"], ref.weights, atol=1e-6)
@@ -164,7 +168,7 @@ def test_bulyan_one_shot_selection_then_coordinate_trimmed_mean():
     g, ups = make_global(), make_updates()
     new, U, extra = aggregate(strategy("bulyan"), g, ups)
     theta, beta = N - 2, N - 4
-    kept = robust.krum(U[:, P], num_malicious=1, multi_k=theta, strict=False).kept
+    kept = krum(U[:, P], num_malicious=1, multi_k=theta, strict=False).kept
     selected = U[kept][:, P]
     med = np.median(selected, axis=0)
     idx = np.argsort(np.abs(selected - med), axis=0, kind="stable")[:beta]
@@ -216,7 +220,7 @@ def test_weak_dp_adds_seeded_noise_to_parameters_only():
 def test_rfa_is_the_weiszfeld_geometric_median():
     g, ups = make_global(), make_updates()
     new, U, extra = aggregate(strategy("rfa"), g, ups)
-    ref = robust.geometric_median(U[:, P], EXAMPLES, iters=100)
+    ref = geometric_median(U[:, P], EXAMPLES, iters=100)
     assert_update(new, g, with_statistics(U, ref.delta, ref.weights), atol=1e-5)
     assert extra["defense_weights"][BAD] < 0.05 and extra["defense_converged"] is True
 
@@ -241,7 +245,7 @@ def test_foolsgold_zeroes_identical_sybils_and_keeps_history_per_partition():
         u["bn.num_batches_tracked"] = np.array(5)
     strat = strategy("foolsgold")
     new, U, extra = aggregate(strat, g, ups, attacking=(3, 5))
-    ref = robust.foolsgold(U[:, P])
+    ref = foolsgold(U[:, P])
     assert_update(new, g, with_statistics(U, ref.delta, ref.weights), atol=1e-5)
     assert extra["defense_weights"][3] == extra["defense_weights"][5] == 0.0
     assert extra["defense_rejected"] == [3, 5] and extra["detection_recall"] == 1.0
@@ -286,7 +290,7 @@ def test_flame_excludes_the_outlier_clips_and_adds_noise_to_parameters_only():
     new, U, extra = aggregate(strategy("flame", "defense.flame_lambda=0"), g, ups)
     kept = np.isin(np.arange(N), extra["defense_kept"])
     assert not kept[BAD] and kept.sum() >= N // 2 + 1 and extra["detection_recall"] == 1.0
-    np.testing.assert_array_equal(kept, robust.flame(U[:, P], None, 0.0, None).kept)
+    np.testing.assert_array_equal(kept, flame(U[:, P], None, 0.0, None).kept)
     norms = np.linalg.norm(U[:, P], axis=1)
     expected = (np.minimum(1.0, np.median(norms) / norms)[kept] @ U[kept][:, P]) / kept.sum()
     expected = with_statistics(U, expected, kept / kept.sum())

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from flip_fl.schema import ConfigError
-from flip_fl.simulation import SimulationError, run
+from flip_fl.config import ConfigError
+from flip_fl.experiments.run import SimulationError, run
 from tests.tiny import tiny_config
 
 def strip_timings(row: dict) -> dict:

@@ -15,15 +15,15 @@ from flwr.app import Context, RecordDict
 
 from clients import BenignClient, FlipDefenseClient
 from clients.flip_defense import cache_arrays
-from flip_fl.attack import build_trigger
-from flip_fl.client import ClientState, RoundInfo
-from flip_fl.client_app import read_state, write_state
+from flip_fl.attacks.triggers import build_trigger
+from flip_fl.federation.client import ClientState, RoundInfo
+from flip_fl.federation.client_app import read_state, write_state
 from flip_fl.data import client_dataset, load_datasets
-from flip_fl.evaluation import GlobalEvaluator
-from flip_fl.hardening import UNIVERSAL, TriggerCache
+from flip_fl.evaluation.evaluator import GlobalEvaluator
+from flip_fl.defenses.flip.hardening import UNIVERSAL, TriggerCache
 from flip_fl.models import build_model
-from flip_fl.poisoning import poison_batch
-from flip_fl.schema import ConfigError
+from flip_fl.attacks.poisoning import poison_batch
+from flip_fl.config import ConfigError
 from flip_fl.training import sgd, train_epochs
 from tests.tiny import tiny_config
 

@@ -18,7 +18,7 @@ import torch
 from flip_fl.config import load_config
 from flip_fl.data import load_datasets
 from flip_fl.models import build_model
-from flip_fl.simulation import run
+from flip_fl.experiments.run import run
 from flip_fl.training import sgd, train_epochs
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_flip.yaml"

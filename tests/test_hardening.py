@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flip_fl.hardening import UNIVERSAL, TriggerCache, harden_batch
-from flip_fl.inversion import stamp
+from flip_fl.defenses.flip.hardening import UNIVERSAL, TriggerCache, harden_batch
+from flip_fl.defenses.flip.inversion import stamp
 
 C, H, W = 3, 6, 6
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flip_fl.inversion import (
+from flip_fl.defenses.flip.inversion import (
     InversionResult,
     InversionSettings,
     invert_triggers,

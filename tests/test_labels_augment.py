@@ -1,6 +1,6 @@
 import torch
 
-from flip_fl.labels import AugmentSettings, augment, paired_augment
+from flip_fl.attacks.flip_labels import AugmentSettings, augment, paired_augment
 
 
 def test_paired_views_get_same_crop_and_flip():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flip_fl.labels import (
+from flip_fl.attacks.flip_labels import (
     aggregate_margins,
     apply_flips,
     flip_labels_at_budgets,

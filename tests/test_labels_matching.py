@@ -7,7 +7,7 @@ from torch import nn
 
 from flip_fl.data import make_synthetic
 
-from flip_fl.labels import (
+from flip_fl.attacks.flip_labels import (
     AugmentSettings,
     ExpertSettings,
     MatchSettings,
@@ -18,7 +18,7 @@ from flip_fl.labels import (
     sgd_step_functional,
     train_expert,
 )
-from flip_fl.triggers import create_trigger
+from flip_fl.attacks.triggers import create_trigger
 
 
 def _bn_net(in_channels: int = 2, num_classes: int = 5) -> nn.Module:
@@ -139,8 +139,8 @@ def test_optimize_labels_reduces_loss_and_keeps_trajectory(tmp_path):
 
 
 def test_matching_loss_is_zero_without_poison_and_respects_frozen_params():
-    from flip_fl.labels.experts import Checkpoint
-    from flip_fl.labels.matching import _Start, matching_loss
+    from flip_fl.attacks.flip_labels.experts import Checkpoint
+    from flip_fl.attacks.flip_labels.matching import _Start, matching_loss
 
     model, opt = _stepped_model(0.9, True, 0.0, 2e-4)
     ckpt = Checkpoint(3, copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flip_fl.metrics import backdoor_metrics, clean_metrics, threshold_sweep
+from flip_fl.evaluation.metrics import backdoor_metrics, clean_metrics, threshold_sweep
 from flip_fl.models import create_model
 
 

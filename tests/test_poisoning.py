@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from flip_fl.poisoning import (
+from flip_fl.attacks.poisoning import (
     model_replacement_scale,
     num_poison_for_batch,
     poison_batch,
@@ -12,7 +12,7 @@ from flip_fl.poisoning import (
     scale_update,
     update_norm,
 )
-from flip_fl.triggers import create_trigger
+from flip_fl.attacks.triggers import create_trigger
 
 # ---------------------------------------------------------------- poison_batch
 

@@ -1,4 +1,4 @@
-"""Tests for flip_fl.robust: each rule against an independent brute-force reference,
+"""Tests for the aggregation rules of flip_fl.defenses: each rule against an independent brute-force reference,
 planted-outlier behaviour, argument validation, and agreement with Flower's built-ins."""
 
 from __future__ import annotations
@@ -10,7 +10,19 @@ import math
 import numpy as np
 import pytest
 
-from flip_fl import robust as R
+from flip_fl.defenses import common
+from flip_fl.defenses.clipping import norm_clip, weak_dp
+from flip_fl.defenses.flame import flame
+from flip_fl.defenses.fltrust import fltrust
+from flip_fl.defenses.foolsgold import foolsgold
+from flip_fl.defenses.krum import krum
+from flip_fl.defenses.median import coordinate_median
+from flip_fl.defenses.rfa import geometric_median
+from flip_fl.defenses.rlr import robust_lr
+from flip_fl.defenses.trimmed_mean import trimmed_mean
+from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
+from flip_fl.evaluation.detection import detection_scores
+from tests.reference_rules import bulyan, mean
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -48,23 +60,23 @@ def test_mean_weighted_matches_loop():
     rng = np.random.default_rng(1)
     U = rng.standard_normal((5, 4))
     w = np.array([1.0, 2.0, 3.0, 0.0, 4.0])
-    out = R.mean(U, w)
+    out = mean(U, w)
     ref = sum(w[i] * U[i] for i in range(5)) / w.sum()
     np.testing.assert_allclose(out.delta, ref)
     np.testing.assert_allclose(out.weights, w / w.sum())
     assert out.kept.all()
-    np.testing.assert_allclose(R.mean(U).delta, U.mean(axis=0))
+    np.testing.assert_allclose(mean(U).delta, U.mean(axis=0))
 
 
 def test_invalid_inputs():
     with pytest.raises(ValueError, match="U must be a 2-D"):
-        R.mean(np.ones(3))
+        mean(np.ones(3))
     with pytest.raises(ValueError, match="finite"):
-        R.mean(np.array([[1.0, np.nan]]))
+        mean(np.array([[1.0, np.nan]]))
     with pytest.raises(ValueError, match="weights"):
-        R.mean(np.ones((2, 2)), weights=[1.0])
+        mean(np.ones((2, 2)), weights=[1.0])
     with pytest.raises(ValueError, match="weights"):
-        R.mean(np.ones((2, 2)), weights=[-1.0, 2.0])
+        mean(np.ones((2, 2)), weights=[-1.0, 2.0])
 
 
 # --------------------------------------------------------------------------- krum
@@ -74,7 +86,7 @@ def test_invalid_inputs():
 def test_krum_matches_bruteforce(f):
     rng = np.random.default_rng(10 + f)
     U = rng.standard_normal((9, 6)) * rng.uniform(0.5, 3.0, (9, 1))
-    out = R.krum(U, f)
+    out = krum(U, f)
     scores = ref_krum_scores(U, f)
     np.testing.assert_allclose(out.arrays["scores"], scores, rtol=1e-10)
     best = int(np.argmin(scores))
@@ -88,18 +100,18 @@ def test_multikrum_matches_bruteforce():
     U = rng.standard_normal((10, 5))
     scores = ref_krum_scores(U, 2)
     chosen = sorted(range(10), key=lambda i: scores[i])[:4]
-    out = R.krum(U, 2, multi_k=4)
+    out = krum(U, 2, multi_k=4)
     np.testing.assert_allclose(out.delta, U[chosen].mean(axis=0))
     assert set(np.flatnonzero(out.kept)) == set(chosen)
     w = np.arange(1.0, 11.0)
-    outw = R.krum(U, 2, multi_k=4, weights=w)
+    outw = krum(U, 2, multi_k=4, weights=w)
     np.testing.assert_allclose(outw.delta, (w[chosen, None] * U[chosen]).sum(0) / w[chosen].sum())
 
 
 def test_krum_and_multikrum_reject_planted_outlier():
     U, honest_mean = planted()
     for k in (1, 5):
-        out = R.krum(U, 1, multi_k=k)
+        out = krum(U, 1, multi_k=k)
         assert not out.kept[-1] and out.weights[-1] == 0.0
         np.testing.assert_allclose(out.delta, honest_mean, atol=0.2)
 
@@ -107,21 +119,21 @@ def test_krum_and_multikrum_reject_planted_outlier():
 def test_krum_validation():
     U = np.ones((6, 2))
     with pytest.raises(ValueError, match="num_malicious"):
-        R.krum(U, 2)  # needs n > 2f + 2 = 6
+        krum(U, 2)  # needs n > 2f + 2 = 6
     with pytest.raises(ValueError, match="num_malicious"):
-        R.krum(U, -1)
+        krum(U, -1)
     with pytest.raises(ValueError, match="multi_k"):
-        R.krum(U, 1, multi_k=7)
+        krum(U, 1, multi_k=7)
     with pytest.raises(ValueError, match="multi_k"):
-        R.krum(U, 1, multi_k=0)
+        krum(U, 1, multi_k=0)
     # strict=False: Flower-like, only needs one neighbour (n >= f + 3)
     rng = np.random.default_rng(0)
     V = rng.standard_normal((10, 3))
-    loose = R.krum(V, 4, strict=False)
+    loose = krum(V, 4, strict=False)
     assert loose.info["num_neighbors"] == 4
     np.testing.assert_allclose(loose.delta, V[int(np.argmin(ref_krum_scores(V, 4)))])
     with pytest.raises(ValueError, match="num_malicious"):
-        R.krum(V, 8, strict=False)
+        krum(V, 8, strict=False)
 
 
 # --------------------------------------------------------------------------- bulyan
@@ -153,7 +165,7 @@ def ref_bulyan(U, f):
 def test_bulyan_matches_bruteforce(n, f):
     rng = np.random.default_rng(n * 10 + f)
     U = rng.standard_normal((n, 7)) * rng.uniform(0.5, 3.0, (n, 1))
-    out = R.bulyan(U, f)
+    out = bulyan(U, f)
     ref, selected = ref_bulyan(U, f)
     np.testing.assert_allclose(out.delta, ref, rtol=1e-12, atol=1e-12)
     assert out.arrays["selection_order"].tolist() == selected
@@ -167,7 +179,7 @@ def test_bulyan_rejects_planted_outliers():
     honest = 1.0 + 0.05 * rng.standard_normal((9, 8))
     bad = np.vstack([np.full(8, 500.0), np.full(8, -300.0)])
     U = np.vstack([honest, bad])
-    out = R.bulyan(U, 2)
+    out = bulyan(U, 2)
     assert not out.kept[-2:].any()
     assert (out.weights[-2:] == 0).all()
     np.testing.assert_allclose(out.delta, honest.mean(0), atol=0.1)
@@ -175,7 +187,7 @@ def test_bulyan_rejects_planted_outliers():
 
 def test_bulyan_validation():
     with pytest.raises(ValueError, match="num_malicious"):
-        R.bulyan(np.ones((10, 2)), 2)  # needs n >= 11
+        bulyan(np.ones((10, 2)), 2)  # needs n >= 11
 
 
 # --------------------------------------------------------------------------- median / trimmed mean
@@ -185,7 +197,7 @@ def test_bulyan_validation():
 def test_coordinate_median_matches_loop(n):
     rng = np.random.default_rng(n)
     U = rng.standard_normal((n, 9))
-    out = R.coordinate_median(U)
+    out = coordinate_median(U)
     ref = []
     for j in range(9):
         c = ref_sorted_column(U, j)
@@ -196,10 +208,10 @@ def test_coordinate_median_matches_loop(n):
 
 def test_median_and_trimmed_mean_ignore_planted_outlier():
     U, honest_mean = planted()
-    med = R.coordinate_median(U)
+    med = coordinate_median(U)
     assert med.weights[-1] == 0.0
     np.testing.assert_allclose(med.delta, honest_mean, atol=0.1)
-    tm = R.trimmed_mean(U, 0.125)  # trims 1 per side of 8
+    tm = trimmed_mean(U, 0.125)  # trims 1 per side of 8
     assert tm.weights[-1] == 0.0 and tm.info["num_trimmed_per_side"] == 1
     np.testing.assert_allclose(tm.delta, honest_mean, atol=0.1)
 
@@ -211,7 +223,7 @@ def test_trimmed_mean_matches_loop(beta):
     U = rng.standard_normal((n, 6))
     k = int(beta * n)
     ref = [sum(ref_sorted_column(U, j)[k : n - k]) / (n - 2 * k) for j in range(6)]
-    out = R.trimmed_mean(U, beta)
+    out = trimmed_mean(U, beta)
     np.testing.assert_allclose(out.delta, ref)
     assert math.isclose(out.weights.sum(), 1.0)
 
@@ -219,15 +231,15 @@ def test_trimmed_mean_matches_loop(beta):
 @pytest.mark.parametrize("beta", [-0.1, 0.5, 0.7])
 def test_trimmed_mean_validation(beta):
     with pytest.raises(ValueError, match=r"beta .*\[0, 0.5\)"):
-        R.trimmed_mean(np.ones((4, 2)), beta)
+        trimmed_mean(np.ones((4, 2)), beta)
 
 
 def test_coordinatewise_rules_chunking_consistent(monkeypatch):
     rng = np.random.default_rng(11)
     U = rng.standard_normal((7, 50))
-    full = [R.coordinate_median(U), R.trimmed_mean(U, 0.2), R.bulyan(U, 1)]
-    monkeypatch.setattr(R, "_CHUNK_ELEMENTS", 20)  # force several column chunks
-    chunked = [R.coordinate_median(U), R.trimmed_mean(U, 0.2), R.bulyan(U, 1)]
+    full = [coordinate_median(U), trimmed_mean(U, 0.2), bulyan(U, 1)]
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 20)  # force several column chunks
+    chunked = [coordinate_median(U), trimmed_mean(U, 0.2), bulyan(U, 1)]
     for a, b in zip(full, chunked):
         np.testing.assert_allclose(a.delta, b.delta)
         np.testing.assert_allclose(a.weights, b.weights)
@@ -238,7 +250,7 @@ def test_coordinatewise_rules_chunking_consistent(monkeypatch):
 
 def test_norm_clip_bounds_each_contribution():
     U, _ = planted()
-    out = R.norm_clip(U, 2.0)
+    out = norm_clip(U, 2.0)
     for i in range(U.shape[0]):
         contrib = out.arrays["scale"][i] * U[i]
         assert np.linalg.norm(contrib) <= 2.0 + 1e-12
@@ -247,29 +259,29 @@ def test_norm_clip_bounds_each_contribution():
     assert np.linalg.norm(out.delta) <= 2.0 + 1e-12
     assert out.info["num_clipped"] == int(sum(np.linalg.norm(u) > 2.0 for u in U))
     w = np.arange(1.0, 9.0)
-    outw = R.norm_clip(U, 2.0, w)
+    outw = norm_clip(U, 2.0, w)
     ref = sum(w[i] * min(1.0, 2.0 / np.linalg.norm(U[i])) * U[i] for i in range(8)) / w.sum()
     np.testing.assert_allclose(outw.delta, ref)
     with pytest.raises(ValueError, match="max_norm"):
-        R.norm_clip(U, 0.0)
+        norm_clip(U, 0.0)
 
 
 def test_weak_dp_noise():
     U, _ = planted(d=2000)
-    clip = R.norm_clip(U, 3.0).delta
-    out0 = R.weak_dp(U, 3.0, 0.0, None)
+    clip = norm_clip(U, 3.0).delta
+    out0 = weak_dp(U, 3.0, 0.0, None)
     np.testing.assert_allclose(out0.delta, clip)
-    out = R.weak_dp(U, 3.0, 0.5, np.random.default_rng(42))
+    out = weak_dp(U, 3.0, 0.5, np.random.default_rng(42))
     np.testing.assert_allclose(out.delta - clip, np.random.default_rng(42).normal(0, 0.5, 2000))
     mask = np.zeros(2000, dtype=bool)
     mask[:1000] = True
-    outm = R.weak_dp(U, 3.0, 0.5, np.random.default_rng(1), noise_mask=mask)
+    outm = weak_dp(U, 3.0, 0.5, np.random.default_rng(1), noise_mask=mask)
     np.testing.assert_allclose(outm.delta[1000:], clip[1000:])
     assert abs(np.std(outm.delta[:1000] - clip[:1000]) - 0.5) < 0.05
     with pytest.raises(ValueError, match="rng"):
-        R.weak_dp(U, 3.0, 0.5, None)
+        weak_dp(U, 3.0, 0.5, None)
     with pytest.raises(ValueError, match="noise_std"):
-        R.weak_dp(U, 3.0, -1.0, None)
+        weak_dp(U, 3.0, -1.0, None)
 
 
 # --------------------------------------------------------------------------- geometric median
@@ -279,7 +291,7 @@ def test_geometric_median_collinear_is_median_point():
     direction = np.array([1.0, -2.0, 0.5, 3.0])
     ts = [-3.0, -1.0, 0.0, 2.0, 50.0]
     U = np.array([t * direction for t in ts]) + np.array([1.0, 1.0, 1.0, 1.0])
-    out = R.geometric_median(U, iters=2000, tol=0.0, eps=1e-9)
+    out = geometric_median(U, iters=2000, tol=0.0, eps=1e-9)
     np.testing.assert_allclose(out.delta, U[2], atol=1e-6)
     np.testing.assert_allclose(out.weights @ U, out.delta)
 
@@ -293,11 +305,11 @@ def test_geometric_median_matches_bruteforce_weiszfeld():
     for _ in range(4):
         b = [a[i] / max(1e-6, math.sqrt(dist2(z, U[i]))) for i in range(6)]
         z = sum(b[i] * U[i] for i in range(6)) / sum(b)
-    out = R.geometric_median(U, weights=a * 7, iters=4, tol=0.0)
+    out = geometric_median(U, weights=a * 7, iters=4, tol=0.0)
     np.testing.assert_allclose(out.delta, z)
     assert out.info["iterations"] == 4 and not out.info["converged"]
     # The converged point minimises the sum of distances.
-    conv = R.geometric_median(U, weights=a, iters=10_000, tol=1e-14)
+    conv = geometric_median(U, weights=a, iters=10_000, tol=1e-14)
     assert conv.info["converged"]
     obj = lambda z: sum(a[i] * np.linalg.norm(z - U[i]) for i in range(6))  # noqa: E731
     for _ in range(20):
@@ -306,7 +318,7 @@ def test_geometric_median_matches_bruteforce_weiszfeld():
 
 def test_geometric_median_robust_to_outlier():
     U, honest_mean = planted()
-    out = R.geometric_median(U)
+    out = geometric_median(U)
     np.testing.assert_allclose(out.delta, honest_mean, atol=0.1)
     assert out.weights[-1] < 1e-3
 
@@ -348,7 +360,7 @@ def sybil_setup(seed=0, d=40):
 
 def test_foolsgold_downweights_identical_sybils():
     U = sybil_setup()
-    out = R.foolsgold(U, None)
+    out = foolsgold(U, None)
     assert np.all(out.arrays["scores"][5:] == 0.0)
     assert not out.kept[5:].any() and out.kept[:5].all()
     assert np.all(out.arrays["scores"][:5] > 0.5)
@@ -362,28 +374,28 @@ def test_foolsgold_matches_reference(kappa):
     base = rng.standard_normal(20)
     U = np.vstack([rng.standard_normal((4, 20)), base + 0.3 * rng.standard_normal((3, 20))])
     hist = rng.standard_normal((7, 20))
-    out = R.foolsgold(U, hist, confidence=kappa, epsilon=0.0)
+    out = foolsgold(U, hist, confidence=kappa, epsilon=0.0)
     np.testing.assert_allclose(out.arrays["scores"], ref_foolsgold(hist + U, kappa), atol=1e-12)
-    un = R.foolsgold(U, hist, confidence=kappa, epsilon=0.0, normalize=False)
+    un = foolsgold(U, hist, confidence=kappa, epsilon=0.0, normalize=False)
     np.testing.assert_allclose(un.delta, out.arrays["scores"] @ U / 7)
 
 
 def test_foolsgold_history_accumulates_and_mask():
     U1, U2 = sybil_setup(1), sybil_setup(2)
-    first = R.foolsgold(U1, None)
-    second = R.foolsgold(U2, first.arrays["history"])
+    first = foolsgold(U1, None)
+    second = foolsgold(U2, first.arrays["history"])
     np.testing.assert_allclose(second.arrays["history"], U1 + U2)
     mask = np.zeros(U1.shape[1], dtype=bool)
     mask[:10] = True
-    m = R.foolsgold(U1, None, similarity_mask=mask)
+    m = foolsgold(U1, None, similarity_mask=mask)
     assert m.arrays["history"].shape == (8, 10)
     with pytest.raises(ValueError, match="history"):
-        R.foolsgold(U1, np.zeros((8, 40)), similarity_mask=mask)
+        foolsgold(U1, np.zeros((8, 40)), similarity_mask=mask)
 
 
 def test_foolsgold_all_identical_gives_zero_delta():
     U = np.tile(np.arange(1.0, 5.0), (4, 1))
-    out = R.foolsgold(U)
+    out = foolsgold(U)
     assert np.all(out.delta == 0) and not out.kept.any()
 
 
@@ -398,15 +410,15 @@ def test_robust_lr_flips_disputed_coordinates():
             [3.0, 1.0, -2.0, 1.0],
         ]
     )
-    out = R.robust_lr(U, threshold=3)
+    out = robust_lr(U, threshold=3)
     mean = U.mean(axis=0)
     # coordinate 0 and 2: unanimous (|sum sign| = 3); 1: 1 of 3; 3: sign(0) = 0 -> 2.
     np.testing.assert_allclose(out.delta, [mean[0], -mean[1], mean[2], -mean[3]])
     assert out.info["num_flipped"] == 2
-    out2 = R.robust_lr(U, threshold=2, server_lr=0.5)
+    out2 = robust_lr(U, threshold=2, server_lr=0.5)
     np.testing.assert_allclose(out2.delta, 0.5 * np.array([mean[0], -mean[1], mean[2], mean[3]]))
-    np.testing.assert_allclose(R.robust_lr(U, 0).delta, mean)
-    masked = R.robust_lr(U, 3, mask=np.array([True, False, True, True]))
+    np.testing.assert_allclose(robust_lr(U, 0).delta, mean)
+    masked = robust_lr(U, 3, mask=np.array([True, False, True, True]))
     np.testing.assert_allclose(masked.delta, [mean[0], mean[1], mean[2], -mean[3]])
 
 
@@ -414,13 +426,13 @@ def test_robust_lr_matches_loop_and_validation():
     rng = np.random.default_rng(2)
     U = rng.standard_normal((7, 30))
     w = rng.uniform(1, 5, 7)
-    out = R.robust_lr(U, threshold=4, weights=w)
+    out = robust_lr(U, threshold=4, weights=w)
     wm = (w[:, None] * U).sum(0) / w.sum()
     for j in range(30):
         agree = abs(sum(np.sign(U[i, j]) for i in range(7)))
         assert out.delta[j] == pytest.approx(wm[j] if agree >= 4 else -wm[j])
     with pytest.raises(ValueError, match="threshold"):
-        R.robust_lr(U, threshold=8)
+        robust_lr(U, threshold=8)
 
 
 # --------------------------------------------------------------------------- FLTrust
@@ -429,7 +441,7 @@ def test_robust_lr_matches_loop_and_validation():
 def test_fltrust_zero_weight_for_opposite_update():
     g0 = np.array([1.0, 2.0, 0.0, -1.0])
     U = np.array([[2.0, 4.1, 0.1, -2.0], [0.5, 1.0, 0.3, -0.2], -10 * g0, [1.0, 0.0, 0.0, 0.0]])
-    out = R.fltrust(U, g0)
+    out = fltrust(U, g0)
     assert out.weights[2] == 0.0 and not out.kept[2]
     gn = np.linalg.norm(g0)
     ts = [max(0.0, (u @ g0) / (np.linalg.norm(u) * gn)) for u in U]
@@ -444,7 +456,7 @@ def test_fltrust_zero_weight_for_opposite_update():
 def test_fltrust_all_distrusted_is_zero():
     g0 = np.array([1.0, 0.0])
     U = np.array([[-1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-    out = R.fltrust(U, g0)
+    out = fltrust(U, g0)
     assert np.all(out.delta == 0) and not out.kept.any() and np.all(out.weights == 0)
 
 
@@ -453,7 +465,7 @@ def test_fltrust_all_distrusted_is_zero():
 
 def test_flame_rejects_outlier_and_clips():
     U, honest_mean = planted(n_honest=9, d=30, seed=3)
-    out = R.flame(U, None, noise_lambda=0.0, rng=None)
+    out = flame(U, None, noise_lambda=0.0, rng=None)
     assert not out.kept[-1] and out.weights[-1] == 0.0
     norms = np.linalg.norm(U, axis=1)
     assert out.info["clip_norm"] == pytest.approx(float(np.median(norms)))
@@ -474,23 +486,23 @@ def test_flame_clustering_mask_excludes_bn_statistics():
     U = np.hstack([np.vstack([real, attacker]), bn])
     mask = np.zeros(40, dtype=bool)
     mask[:20] = True
-    unmasked = R.flame(U, None, 0.0, None)
-    masked = R.flame(U, mask, 0.0, None)
+    unmasked = flame(U, None, 0.0, None)
+    masked = flame(U, mask, 0.0, None)
     assert unmasked.kept[-1]  # clustering driven by the BN block misses the attacker
     assert not masked.kept[-1] and masked.kept[:9].sum() >= 6
     # only the masked columns matter for the clustering decision
-    only_real = R.flame(U[:, :20], None, 0.0, None)
+    only_real = flame(U[:, :20], None, 0.0, None)
     np.testing.assert_array_equal(masked.kept, only_real.kept)
 
 
 def test_flame_noise_and_all_noise_fallback():
     U, _ = planted(n_honest=9, d=4000, seed=1)
-    base = R.flame(U, None, 0.0, None)
-    noisy = R.flame(U, None, 0.01, np.random.default_rng(0))
+    base = flame(U, None, 0.0, None)
+    noisy = flame(U, None, 0.01, np.random.default_rng(0))
     assert noisy.info["noise_std"] == pytest.approx(0.01 * base.info["clip_norm"])
     emp = np.std(noisy.delta - base.delta)
     assert abs(emp - noisy.info["noise_std"]) < 0.1 * noisy.info["noise_std"]
-    one = R.flame(U[:1], None, 0.0, None)
+    one = flame(U[:1], None, 0.0, None)
     assert one.kept.all() and one.info["all_noise"]
     json.dumps(noisy.info)
 
@@ -501,7 +513,7 @@ def test_flame_noise_and_all_noise_fallback():
 def test_detection_scores_hand_example():
     kept = [True, False, False, True, True, False]
     mal = [False, True, False, True, False, True]
-    s = R.detection_scores(kept, mal)
+    s = detection_scores(kept, mal)
     # rejected: 1 (mal), 2 (benign), 5 (mal) -> TP 2, FP 1; kept malicious: 3 -> FN 1
     assert (s["tp"], s["fp"], s["fn"], s["tn"]) == (2, 1, 1, 2)
     assert s["precision"] == pytest.approx(2 / 3)
@@ -512,10 +524,10 @@ def test_detection_scores_hand_example():
 
 
 def test_detection_scores_undefined_cases_are_none():
-    nothing = R.detection_scores([True, True], [False, False])
+    nothing = detection_scores([True, True], [False, False])
     assert nothing["precision"] is None and nothing["recall"] is None and nothing["f1"] is None
     assert nothing["rejection_rate"] == 0.0
-    missed = R.detection_scores([True, False], [True, False])
+    missed = detection_scores([True, False], [True, False])
     assert missed["precision"] == 0.0 and missed["recall"] == 0.0 and missed["f1"] == 0.0
     json.dumps(missed)
 
@@ -532,18 +544,18 @@ def test_flatten_unflatten_roundtrip_and_bn_mask():
         "bn.num_batches_tracked": np.array(7, dtype=np.int64),
     }
     other = {k: v + 1 for k, v in template.items()}
-    M = R.flatten_state([template, other])
+    M = flatten_state([template, other])
     assert M.shape == (2, 13) and M.dtype == np.float64
-    back = R.unflatten(M[1], template)
+    back = unflatten(M[1], template)
     for k in template:
         assert back[k].dtype == template[k].dtype and back[k].shape == template[k].shape
         np.testing.assert_array_equal(back[k], other[k])
-    mask = R.bn_statistic_mask(template)
+    mask = bn_statistic_mask(template)
     assert mask.tolist() == [False] * 8 + [True] * 5
     keys = ["bn.weight", "conv.weight"]
-    assert R.flatten_state([template], keys).shape == (1, 8)
+    assert flatten_state([template], keys).shape == (1, 8)
     with pytest.raises(ValueError):
-        R.unflatten(np.zeros(5), template)
+        unflatten(np.zeros(5), template)
 
 
 # --------------------------------------------------------------------------- Flower comparison
@@ -602,12 +614,12 @@ def test_flower_legacy_functions_agree(name):
     agg = _legacy()
     U = _inputs()[name]
     res = [([u], 1) for u in U]
-    np.testing.assert_allclose(agg.aggregate_krum(res, 2, 0)[0], R.krum(U, 2).delta)
-    np.testing.assert_allclose(agg.aggregate_krum(res, 2, 4)[0], R.krum(U, 2, multi_k=4).delta)
-    np.testing.assert_allclose(agg.aggregate_median(res)[0], R.coordinate_median(U).delta)
-    np.testing.assert_allclose(agg.aggregate_trimmed_avg(res, 0.2)[0], R.trimmed_mean(U, 0.2).delta)
+    np.testing.assert_allclose(agg.aggregate_krum(res, 2, 0)[0], krum(U, 2).delta)
+    np.testing.assert_allclose(agg.aggregate_krum(res, 2, 4)[0], krum(U, 2, multi_k=4).delta)
+    np.testing.assert_allclose(agg.aggregate_median(res)[0], coordinate_median(U).delta)
+    np.testing.assert_allclose(agg.aggregate_trimmed_avg(res, 0.2)[0], trimmed_mean(U, 0.2).delta)
     bul = agg.aggregate_bulyan(list(res), 2, agg.aggregate_krum, to_keep=0)[0]
-    np.testing.assert_allclose(bul, R.bulyan(U, 2).delta)
+    np.testing.assert_allclose(bul, bulyan(U, 2).delta)
 
 
 @pytest.mark.parametrize("name", ["random", "planted"])
@@ -616,12 +628,12 @@ def test_flower_new_style_strategies_agree(name):
 
     U = _inputs()[name]
     ne = np.arange(1, 12)
-    np.testing.assert_allclose(_new_style(Krum(num_malicious_nodes=2), U), R.krum(U, 2).delta)
+    np.testing.assert_allclose(_new_style(Krum(num_malicious_nodes=2), U), krum(U, 2).delta)
     # MultiKrum averages the selected updates weighted by "num-examples".
     mk = _new_style(MultiKrum(num_malicious_nodes=2, num_nodes_to_select=4), U, ne)
-    np.testing.assert_allclose(mk, R.krum(U, 2, multi_k=4, weights=ne).delta)
-    np.testing.assert_allclose(_new_style(FedMedian(), U), R.coordinate_median(U).delta)
-    np.testing.assert_allclose(_new_style(FedTrimmedAvg(beta=0.2), U), R.trimmed_mean(U, 0.2).delta)
+    np.testing.assert_allclose(mk, krum(U, 2, multi_k=4, weights=ne).delta)
+    np.testing.assert_allclose(_new_style(FedMedian(), U), coordinate_median(U).delta)
+    np.testing.assert_allclose(_new_style(FedTrimmedAvg(beta=0.2), U), trimmed_mean(U, 0.2).delta)
 
 
 def _one_shot_bulyan(U, f):
@@ -643,12 +655,12 @@ def test_flower_new_style_bulyan_uses_one_shot_selection():
     from flwr.serverapp.strategy import Bulyan
 
     U, honest_mean = planted(n_honest=10, d=6)
-    np.testing.assert_allclose(_new_style(Bulyan(num_malicious_nodes=2), U), R.bulyan(U, 2).delta)
+    np.testing.assert_allclose(_new_style(Bulyan(num_malicious_nodes=2), U), bulyan(U, 2).delta)
     differs = 0
     for seed in range(4):  # each call costs ~0.1-0.5 s: Flower runs gc.collect() per array
         rng = np.random.default_rng(seed)
         X = rng.standard_normal((11, 6)) * rng.uniform(0.5, 3.0, (11, 1))
         flower = _new_style(Bulyan(num_malicious_nodes=2), X)
         np.testing.assert_allclose(flower, _one_shot_bulyan(X, 2))
-        differs += not np.allclose(flower, R.bulyan(X, 2).delta)
+        differs += not np.allclose(flower, bulyan(X, 2).delta)
     assert differs > 0

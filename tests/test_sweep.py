@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from flip_fl.config import to_yaml
-from flip_fl.schema import ConfigError
-from flip_fl.sweep import check_finished, load_sweep, write_report
+from flip_fl.config import ConfigError
+from flip_fl.experiments.grid import load_sweep
+from flip_fl.experiments.report import write_report
+from flip_fl.experiments.sweep import check_finished
 from strategies import DEFENSES
 
 ROOT = Path(__file__).resolve().parents[1]

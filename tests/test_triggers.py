@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from flip_fl.triggers import TRIGGERS, Trigger, create_trigger
+from flip_fl.attacks.triggers import TRIGGERS, Trigger, create_trigger
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)

@@ -1,13 +1,12 @@
-"""Defenses whose aggregation is Flower's own strategy, placed next to SeededFedAvg in the MRO.
+"""Defenses that select clients with Flower's own rules: Krum, Multi-Krum and Bulyan.
 
 Flower aggregates client MODELS; Krum distances, coordinate medians and trimmed means are
 translation invariant, so on models they equal global + (the same rule on the updates).
 The Krum family selects on the trained parameters only: BatchNorm statistics (running mean/var and
 the batch counters, which differ by the number of local steps and would dominate the distances) are
 left out of what Flower sees and averaged over the selected clients afterwards.
-Detection: the Krum family's selection is read from the contents Flower hands to its metrics
-aggregation (exactly the selected replies); for the coordinate-wise rules the per-client weight is
-the share of coordinates taken from that client, computed with `flip_fl.robust` outside the timing.
+Detection: the selection is read from the contents Flower hands to its metrics aggregation (exactly the
+selected replies).
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from flip_fl import robust
 from flip_fl.config import Config
+from flip_fl.defenses.updates import BN_STATISTIC_SUFFIXES
 from strategies.defense import Decision, DefenseStrategy, assumed_malicious
 from strategies.seeded_fedavg import numpy_to_arrays
 
@@ -41,7 +40,7 @@ class _SelectionDefense(DefenseStrategy):
 
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        stats = [k for k in self.global_state if k.rsplit(".", 1)[-1] in robust.BN_STATISTIC_SUFFIXES]
+        stats = [k for k in self.global_state if k.rsplit(".", 1)[-1] in BN_STATISTIC_SUFFIXES]
         views = [self._without(m, stats) for m in replies] if stats else replies
         self._selected = set()
         aggregate, metrics, _ = super().aggregate_rule(server_round, views)
@@ -102,31 +101,3 @@ class BulyanDefense(_SelectionDefense, Bulyan):
         decision.weights = None  # coordinate-wise on the theta selected: `kept` is the client-level decision
         decision.info["skipped"] = False
         return aggregate, metrics, decision
-
-
-class MedianDefense(DefenseStrategy, FedMedian):
-    """Coordinate-wise median (Yin et al. 2018), Flower's FedMedian (unweighted)."""
-
-    name = "median"
-
-    def collect_evidence(self, replies: list[Message]) -> np.ndarray:
-        return self.client_updates(replies)
-
-    def explain(self, evidence: np.ndarray) -> Decision:
-        return Decision(weights=robust.coordinate_median(evidence).weights)
-
-
-class TrimmedMeanDefense(DefenseStrategy, FedTrimmedAvg):
-    """Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg with beta = defense.trim_beta."""
-
-    name = "trimmed_mean"
-
-    def __init__(self, cfg: Config, node_partitions: dict[int, int], base_config: dict[str, str]) -> None:
-        super().__init__(cfg, node_partitions, base_config, beta=cfg.defense.trim_beta)
-
-    def collect_evidence(self, replies: list[Message]) -> np.ndarray:
-        return self.client_updates(replies)
-
-    def explain(self, evidence: np.ndarray) -> Decision:
-        outcome = robust.trimmed_mean(evidence, self.cfg.defense.trim_beta)
-        return Decision(weights=outcome.weights, info={"num_trimmed_per_side": outcome.info["num_trimmed_per_side"]})

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from flip_fl.triggers import Trigger
+from flip_fl.attacks.triggers import Trigger
 
 __all__ = [
     "poison_batch",

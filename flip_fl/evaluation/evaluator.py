@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flip_fl.attack import build_trigger
+from flip_fl.attacks.triggers import build_trigger
 from flip_fl.config import Config
-from flip_fl.data import ImageDataset
-from flip_fl.metrics import backdoor_metrics, clean_metrics, cross_entropy, threshold_sweep
+from flip_fl.data.dataset import ImageDataset
+from flip_fl.evaluation.metrics import backdoor_metrics, clean_metrics, cross_entropy, threshold_sweep
 from flip_fl.training import predict_probs
 
 

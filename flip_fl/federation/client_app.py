@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flip_fl.client import ClientState, RoundInfo, load_client_class
+from flip_fl.federation.client import ClientState, RoundInfo, load_client_class
 from flip_fl.config import Config, from_yaml
 from flip_fl.data import client_dataset
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flip_fl.inversion import stamp
+from flip_fl.defenses.flip.inversion import stamp
 
 __all__ = ["harden_batch", "TriggerCache", "UNIVERSAL"]
 

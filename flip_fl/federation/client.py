@@ -19,7 +19,7 @@ from torch import nn
 from flip_fl.config import Config
 from flip_fl.data import ImageDataset
 from flip_fl.models import build_model
-from flip_fl.schema import ConfigError
+from flip_fl.config.schema import ConfigError
 
 Scalar = int | float | str | bool
 StateDict = dict[str, torch.Tensor]

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flip_fl.config import AttackConfig, ConfigError
+
 __all__ = [
     "Trigger",
     "PixelPatternTrigger",
@@ -42,6 +44,7 @@ __all__ = [
     "FixedPixelsTrigger",
     "TRIGGERS",
     "create_trigger",
+    "build_trigger",
     "trigger_params",
     "DBA_MNIST_ROWS",
     "DBA_MNIST_COLS",
@@ -546,3 +549,15 @@ def create_trigger(name: str, image_shape: tuple[int, int, int], **kwargs: Any) 
             f"unknown parameter(s) {unknown} for trigger {name!r}; accepted: {accepted}"
         )
     return TRIGGERS[name](image_shape, **kwargs)
+
+
+def build_trigger(attack: AttackConfig, image_shape: tuple[int, int, int]) -> Trigger:
+    """`attack.trigger` with `attack.trigger_args` for images of `image_shape`; bad args are config errors.
+
+    The configured backdoor trigger, shared by malicious clients and the server's ASR evaluation.
+    """
+    try:
+        return create_trigger(attack.trigger, image_shape, **attack.trigger_args)
+    except ValueError as err:
+        key = "attack.trigger" if "unknown trigger" in str(err) else "attack.trigger_args"
+        raise ConfigError(f"{key}: {err}") from None

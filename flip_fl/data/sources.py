@@ -1,7 +1,6 @@
-"""Datasets (a registry with consistent constructor arguments) and client partitioning.
+"""Where datasets come from: the built-in synthetic dataset and the torchvision loaders, by `data.name`.
 
-Every dataset is held as uint8 images N x C x H x W plus int64 labels; `ImageDataset.batch` returns
-float images in [0, 1]. Models normalise inside, so triggers are stamped in pixel space.
+Every dataset is held as uint8 images N x C x H x W plus int64 labels (`ImageDataset`).
 Clients load their partition locally through the cached `load_datasets` (never through messages).
 """
 
@@ -16,38 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flip_fl.config import Config
-from flip_fl.schema import ConfigError
-
-
-@dataclass(frozen=True)
-class ImageDataset:
-    """Images (uint8, N x C x H x W) with labels (int64, N) and per-channel statistics."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.images.shape[1:]
-        return int(c), int(h), int(w)
-
-    def batch(self, index: torch.Tensor | np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float images in [0, 1] and labels at `index`."""
-        if isinstance(index, np.ndarray):
-            index = torch.from_numpy(index)
-        return self.images[index].float().div_(255.0), self.labels[index]
-
-    def subset(self, index: np.ndarray) -> ImageDataset:
-        """The samples at `index`, as a new dataset sharing the statistics."""
-        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
-        return ImageDataset(self.images[idx], self.labels[idx], self.num_classes, self.mean, self.std)
+from flip_fl.config import Config, ConfigError
+from flip_fl.data.dataset import ImageDataset
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -149,7 +118,7 @@ def _data_key(cfg: Config) -> tuple:
             syn.channels, syn.image_size, syn.train_size, syn.test_size, syn.noise)
 
 
-class _Keyed:
+class DataKey:
     """Hashable wrapper: caches by the data-relevant keys only, carries the full config."""
 
     def __init__(self, cfg: Config) -> None:
@@ -159,67 +128,14 @@ class _Keyed:
         return hash(self.key)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Keyed) and self.key == other.key
+        return isinstance(other, DataKey) and self.key == other.key
 
 
 @functools.lru_cache(maxsize=2)
-def _load(keyed: _Keyed) -> tuple[ImageDataset, ImageDataset]:
+def load_keyed(keyed: DataKey) -> tuple[ImageDataset, ImageDataset]:
     return DATASETS[keyed.cfg.data.name](keyed.cfg)
 
 
 def load_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) for the configured dataset, cached per process."""
-    return _load(_Keyed(cfg))
-
-
-def partition_iid(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Shuffle and split into `num_clients` near-equal parts."""
-    rng = np.random.default_rng([seed, 0x11D])
-    return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_clients)]
-
-
-def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                        min_size: int = 1, max_tries: int = 100) -> list[np.ndarray]:
-    """Label-skewed split: each class is divided across clients with Dirichlet(alpha) proportions.
-
-    Redrawn (same seed stream) until every client has at least `min_size` samples.
-    """
-    rng = np.random.default_rng([seed, 0xD1C])
-    classes = np.unique(labels)
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            props = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ConfigError(f"data.alpha: {alpha} leaves some of {num_clients} clients without data after "
-                      f"{max_tries} draws; raise data.alpha or lower federation.num_clients")
-
-
-def partition(cfg: Config, train: ImageDataset) -> list[np.ndarray]:
-    """Index arrays of every client's training data, as configured."""
-    n = cfg.federation.num_clients
-    if cfg.data.partition == "dirichlet":
-        assert cfg.data.alpha is not None  # guaranteed by config validation
-        return partition_dirichlet(train.labels.numpy(), n, cfg.data.alpha, cfg.seed)
-    return partition_iid(len(train), n, cfg.seed)
-
-
-@functools.lru_cache(maxsize=2)
-def _partitions(keyed: _Keyed, scheme: tuple) -> list[np.ndarray]:
-    return partition(keyed.cfg, _load(keyed)[0])
-
-
-def client_indices(cfg: Config, partition_id: int) -> np.ndarray:
-    """Training-set sample ids of one client's partition (cached per process)."""
-    scheme = (cfg.data.partition, cfg.data.alpha, cfg.federation.num_clients, cfg.seed)
-    return _partitions(_Keyed(cfg), scheme)[partition_id]
-
-
-def client_dataset(cfg: Config, partition_id: int) -> ImageDataset:
-    """The local training data of one client (cached per process)."""
-    return _load(_Keyed(cfg))[0].subset(client_indices(cfg, partition_id))
+    return load_keyed(DataKey(cfg))

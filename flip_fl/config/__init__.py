@@ -1,0 +1,24 @@
+"""The configuration: schema sections, loading with overrides, cross-key validation, the generated reference.
+
+- `sections`: every key, its type, default and meaning (the dataclasses of `Config`);
+- `schema`: the generic typed-dataclass loader (unknown keys, types, ranges) and `ConfigError`;
+- `loading`: YAML files, `--set key.path=value` overrides, `load_config`;
+- `validation`: rules across keys (impossible combinations are errors);
+- `reference`: `docs/CONFIG.md`, generated from the sections.
+"""
+
+from flip_fl.config.loading import (apply_overrides, config_from_dict, from_yaml, load_config, parse_override, read_yaml,
+                                    to_yaml)
+from flip_fl.config.reference import config_reference_markdown
+from flip_fl.config.schema import ConfigError
+from flip_fl.config.sections import (AttackConfig, ClientConfig, ClientRolesConfig, Config, DataConfig, DefenseConfig,
+                                     FederationConfig, FlipConfig, LabelsConfig, ModelConfig, ResourcesConfig,
+                                     ServerConfig, SyntheticConfig)
+from flip_fl.config.validation import NUM_CLASSES, max_attackers_per_round, num_attackers, validate, validate_labels
+
+__all__ = [
+    "AttackConfig", "ClientConfig", "ClientRolesConfig", "Config", "ConfigError", "DataConfig", "DefenseConfig",
+    "FederationConfig", "FlipConfig", "LabelsConfig", "ModelConfig", "NUM_CLASSES", "ResourcesConfig", "ServerConfig",
+    "SyntheticConfig", "apply_overrides", "config_from_dict", "config_reference_markdown", "from_yaml", "load_config",
+    "max_attackers_per_round", "num_attackers", "parse_override", "read_yaml", "to_yaml", "validate", "validate_labels",
+]

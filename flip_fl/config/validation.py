@@ -1,0 +1,122 @@
+"""Cross-key rules of the config: impossible combinations are errors, never silent defaults."""
+
+from __future__ import annotations
+
+from flip_fl.config.schema import ConfigError
+from flip_fl.config.sections import Config
+
+NUM_CLASSES = {"synthetic": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key rules: impossible combinations are errors, never silent defaults."""
+    fed, attack = cfg.federation, cfg.attack
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds "
+                          f"federation.num_clients ({fed.num_clients})")
+    if cfg.data.partition == "dirichlet" and cfg.data.alpha is None:
+        raise ConfigError("data.alpha: required when data.partition is 'dirichlet' (e.g. 0.5)")
+    if cfg.data.partition == "iid" and cfg.data.alpha is not None:
+        raise ConfigError("data.alpha: only used with data.partition: dirichlet; remove it or change the partition")
+    if cfg.data.name == "synthetic" and cfg.data.synthetic.channels not in (1, 3):
+        raise ConfigError(f"data.synthetic.channels: {cfg.data.synthetic.channels} is not allowed; choose 1 or 3")
+    if cfg.data.name == "synthetic" and cfg.data.synthetic.train_size < fed.num_clients:
+        raise ConfigError(f"data.synthetic.train_size: {cfg.data.synthetic.train_size} images cannot "
+                          f"be split over {fed.num_clients} clients")
+    if cfg.model.width != 1.0 and cfg.model.name != "resnet18":
+        raise ConfigError(f"model.width: only resnet18 has a width option, not {cfg.model.name}")
+    num_classes = NUM_CLASSES[cfg.data.name]
+    if attack.source_label >= num_classes or attack.source_label == attack.target_label:
+        raise ConfigError(f"attack.source_label: {attack.source_label} must be -1 or a class of {cfg.data.name} "
+                          f"other than attack.target_label ({attack.target_label})")
+    if attack.target_label >= num_classes:
+        raise ConfigError(f"attack.target_label: {attack.target_label} is not a class of {cfg.data.name} "
+                          f"(0..{num_classes - 1})")
+    if attack.num_malicious > fed.num_clients:
+        raise ConfigError(f"attack.num_malicious: {attack.num_malicious} exceeds federation.num_clients "
+                          f"({fed.num_clients})")
+    if attack.malicious_ids is not None:
+        ids = attack.malicious_ids
+        bad = [i for i in ids if not 0 <= i < fed.num_clients]
+        if bad:
+            raise ConfigError(f"attack.malicious_ids: {bad} are not partition ids (0..{fed.num_clients - 1})")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"attack.malicious_ids: {ids} has duplicates")
+        if attack.num_malicious not in (0, len(ids)):
+            raise ConfigError(f"attack.num_malicious: {attack.num_malicious} disagrees with the "
+                              f"{len(ids)} attack.malicious_ids; set one of them")
+    if attack.end_round is not None and attack.end_round < attack.start_round:
+        raise ConfigError(f"attack.end_round: {attack.end_round} is before attack.start_round ({attack.start_round})")
+    if attack.rounds is not None:
+        n_attackers = num_attackers(cfg)
+        if len(attack.rounds) != n_attackers:
+            raise ConfigError(f"attack.rounds: {len(attack.rounds)} schedules given for {n_attackers} attackers")
+        for i, item in enumerate(attack.rounds):
+            for r in item if isinstance(item, list) else [item]:
+                if not 1 <= r <= fed.num_rounds:
+                    raise ConfigError(f"attack.rounds[{i}]: round {r} is outside 1..{fed.num_rounds}")
+    if attack.force_sampled and num_attackers(cfg) > fed.clients_per_round:
+        schedule_max = max_attackers_per_round(cfg)
+        if schedule_max > fed.clients_per_round:
+            raise ConfigError(f"attack.force_sampled: {schedule_max} attackers are due in one round but only "
+                              f"federation.clients_per_round = {fed.clients_per_round} clients are sampled")
+    if attack.force_sampled and num_attackers(cfg) > 0:
+        from flip_fl.federation.schedule import attackers_due  # local: schedule depends on this module
+
+        benign = fed.num_clients - num_attackers(cfg)
+        for r in range(1, fed.num_rounds + 1):
+            need = fed.clients_per_round - len(attackers_due(cfg, r))
+            if need > benign:
+                raise ConfigError(f"federation.clients_per_round: round {r} samples {need} benign clients but only "
+                                  f"{benign} of the {fed.num_clients} clients are benign; sample fewer, add clients "
+                                  "or set attack.force_sampled: false")
+    if any(not 0.0 < m < 1.0 for m in attack.lr_milestones):
+        raise ConfigError(f"attack.lr_milestones: {attack.lr_milestones} must be fractions in (0, 1)")
+    defense = cfg.defense
+    f = defense.num_malicious if defense.num_malicious is not None else max_attackers_per_round(cfg)
+    n = fed.clients_per_round
+    if defense.name in ("krum", "multikrum", "bulyan") and f >= n:
+        raise ConfigError(f"defense.num_malicious: f = {f} must be below federation.clients_per_round ({n})")
+    if defense.name == "bulyan" and n < 4 * f + 3:
+        raise ConfigError(f"defense.num_malicious: bulyan needs federation.clients_per_round >= 4f + 3 = {4 * f + 3} "
+                          f"for f = {f}; lower f or sample more clients")
+    if defense.multikrum_select is not None and defense.multikrum_select > n:
+        raise ConfigError(f"defense.multikrum_select: {defense.multikrum_select} exceeds federation.clients_per_round ({n})")
+    if defense.rlr_threshold is not None and defense.rlr_threshold > n:
+        raise ConfigError(f"defense.rlr_threshold: {defense.rlr_threshold:g} exceeds federation.clients_per_round ({n})")
+    if defense.name == "fltrust" and cfg.data.name == "synthetic" and defense.root_size >= cfg.data.synthetic.test_size:
+        raise ConfigError(f"defense.root_size: {defense.root_size} root images cannot be held out of "
+                          f"data.synthetic.test_size = {cfg.data.synthetic.test_size}")
+    flip = cfg.flip
+    if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
+        raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
+
+    validate_labels(cfg, num_classes)
+
+
+def validate_labels(cfg: Config, num_classes: int) -> None:
+    """Rules of the labels.* section."""
+    labels = cfg.labels
+    lo_hi = labels.trajectory_fraction
+    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+        raise ConfigError(f"labels.trajectory_fraction: {lo_hi} must be [lo, hi] with 0 <= lo < hi <= 1")
+    for i, budget in enumerate(labels.budgets + [labels.client_budget]):
+        where = f"labels.budgets[{i}]" if i < len(labels.budgets) else "labels.client_budget"
+        if isinstance(budget, float) and not 0.0 < budget < 1.0:
+            raise ConfigError(f"{where}: {budget} must be a count (integer) or a fraction in (0, 1)")
+        if isinstance(budget, int) and budget < 1:
+            raise ConfigError(f"{where}: {budget} must be at least 1")
+
+
+def num_attackers(cfg: Config) -> int:
+    """How many malicious clients the config asks for."""
+    if cfg.attack.malicious_ids is not None:
+        return len(cfg.attack.malicious_ids)
+    return cfg.attack.num_malicious
+
+
+def max_attackers_per_round(cfg: Config) -> int:
+    """Largest number of attackers due in a single round (bounds forced sampling)."""
+    from flip_fl.federation.schedule import attackers_due  # local: schedule depends on this module
+
+    return max((len(attackers_due(cfg, r)) for r in range(1, cfg.federation.num_rounds + 1)), default=0)

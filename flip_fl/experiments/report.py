@@ -1,0 +1,207 @@
+"""A sweep's report: results.csv, the paper-style results.md and one comparison plot per column."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flip_fl.experiments.grid import Point, Sweep, format_value, value_at, varying_keys
+from flip_fl.experiments.plots import plot_comparison, read_metrics
+
+RESULT_KEYS = ["clean_acc", "asr", "clean_acc_thresholded", "asr_thresholded", "clean_reject_rate",
+               "backdoor_reject_rate"]
+
+
+def _row_label(point: Point, row_keys: list[str]) -> str:
+    if point.label:
+        return point.label
+    parts = [format_value(value_at(point.cfg, k)) if k == "defense.name" else f"{k}={format_value(value_at(point.cfg, k))}"
+             for k in row_keys]
+    return ", ".join(parts) or format_value(point.cfg.defense.name)
+
+
+def _column_labels(points: list[Point], row_keys: list[str]) -> dict[str, str]:
+    """Column label per point: dataset / attack mode, plus other non-seed keys that these do not determine."""
+    shown = ("data.name", "attack.mode")
+    extra = [k for k in varying_keys(points) if k not in row_keys and k not in shown and k != "seed"]
+    needed = []
+    for key in extra:
+        seen: dict[tuple, set[str]] = {}
+        for p in points:
+            seen.setdefault(tuple(value_at(p.cfg, k) for k in shown), set()).add(format_value(value_at(p.cfg, key)))
+        if any(len(v) > 1 for v in seen.values()):
+            needed.append(key)
+    labels = {}
+    for p in points:
+        parts = [p.cfg.data.name, p.cfg.attack.mode] + [f"{k}={format_value(value_at(p.cfg, k))}" for k in needed]
+        labels[p.name] = " / ".join(parts)
+    return labels
+
+
+def error_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    errors = [line for line in lines if line.startswith("error")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def run_result(point: Point, run_dir: Path) -> dict[str, Any]:
+    """One CSV row: status, the final round's metrics, detection totals and timings of a run."""
+    finished = (run_dir / "summary.json").is_file()
+    status = "ok" if finished else ("failed" if run_dir.is_dir() else "not run")
+    out: dict[str, Any] = {"status": status, "error": "" if status != "failed" else error_line(run_dir / "log.txt")}
+    rows = [r for r in _read_rows(run_dir) if r.get("round", 0) > 0]
+    if not finished or not rows:
+        return out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = rows[-1]
+    out.update({"rounds": final["round"], **{k: final.get(k) for k in RESULT_KEYS}, "max_asr": summary.get("max_asr")})
+    counts = {k: sum(r.get(f"detection_{k}") or 0 for r in rows) for k in ("tp", "fp", "fn", "tn")}
+    if any(f"detection_{k}" in r for r in rows for k in counts):
+        out.update({f"detection_{k}": v for k, v in counts.items()})
+        out["detection_precision"] = _ratio(counts["tp"], counts["tp"] + counts["fp"])
+        out["detection_recall"] = _ratio(counts["tp"], counts["tp"] + counts["fn"])
+    weights = [r["defense_attacker_weight"] for r in rows if r.get("defense_attacker_weight") is not None]
+    out["attacker_weight"] = float(np.mean(weights)) if weights else None
+    agg = [r["aggregation_seconds"] for r in rows if r.get("aggregation_seconds") is not None]
+    out["aggregation_ms"] = 1000 * float(np.median(agg)) if agg else None
+    out["round_seconds"] = float(np.median([r["seconds"] for r in rows]))
+    out["wall_seconds"] = summary.get("wall_seconds")
+    return out
+
+
+def collect(sweep: Sweep, sweep_dir: Path) -> list[dict[str, Any]]:
+    """The result row of every point (finished, failed or not run), in grid order."""
+    columns = _column_labels(sweep.points, sweep.row_keys)
+    keys = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
+    results = []
+    for point in sweep.points:
+        run_dir = sweep_dir / "runs" / point.name
+        results.append({"run": point.name, "row": _row_label(point, sweep.row_keys), "column": columns[point.name],
+                        **{k: format_value(value_at(point.cfg, k)) for k in keys}, "seed": point.cfg.seed,
+                        **run_result(point, run_dir)})
+    return results
+
+
+def _stat(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    arr = np.asarray(values, dtype=float) * scale
+    if len(arr) == 1:
+        return f"{arr[0]:.{digits}f}"
+    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
+
+
+def _cell(group: list[dict[str, Any]]) -> str:
+    ok = [r for r in group if r["status"] == "ok"]
+    failed = sum(r["status"] == "failed" for r in group)
+    missing = sum(r["status"] == "not run" for r in group)
+    if not ok:
+        return "failed" if failed else "not run"
+    text = (f"{_stat([r['clean_acc_thresholded'] for r in ok])} / "
+            f"{_stat([r['asr_thresholded'] for r in ok])}")
+    notes = [f"{failed} of {len(group)} failed"] * bool(failed) + [f"{missing} of {len(group)} not run"] * bool(missing)
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in lines]
+
+
+def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> str:
+    """results.md: ACC / ASR table (rows defenses, columns dataset / attack), costs, detection, failures."""
+    rows = list(dict.fromkeys(r["row"] for r in results))
+    cols = list(dict.fromkeys(r["column"] for r in results))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["row"], r["column"]), []).append(r)
+    seeds = sorted({r["seed"] for r in results})
+    out = [f"# {sweep.title}", "",
+           f"Cells: clean accuracy / ASR in % at the final round (thresholded when defense.threshold > 0), "
+           f"mean ± sample std over seeds {seeds}.", ""]
+    out += _table(["Defense"] + cols, [[row] + [_cell(groups.get((row, c), [])) if (row, c) in groups else "—"
+                                                for c in cols] for row in rows])
+    ok = [r for r in results if r["status"] == "ok"]
+    cost: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        mine = [r for r in ok if r["row"] == row and r.get("aggregation_ms") is not None]
+        if mine:
+            cost[row] = (float(np.mean([r["aggregation_ms"] for r in mine])),
+                         float(np.mean([r["round_seconds"] for r in mine])))
+    if cost:
+        ref = cost.get("fedavg")
+        out += ["", "## Server cost per round", "",
+                "Aggregation: time of the aggregation rule on the server (median over a run's rounds); round: "
+                "wall time of a whole round incl. client training and evaluation (median). Means over runs; "
+                "ratios relative to fedavg in this sweep.", ""]
+        out += _table(["Defense", "aggregation (ms)", "× fedavg", "round (s)", "× fedavg"],
+                      [[row, f"{a:.2f}", f"{a / ref[0]:.1f}" if ref else "—", f"{s:.2f}",
+                        f"{s / ref[1]:.2f}" if ref else "—"] for row, (a, s) in cost.items()])
+    detected = [(row, col) for row in rows for col in cols
+                if any(r.get("detection_tp") is not None or r.get("attacker_weight") is not None
+                       for r in groups.get((row, col), []) if r["status"] == "ok")]
+    if detected:
+        out += ["", "## Detection", "",
+                "Rejection of attacking clients, counts summed over rounds and seeds (precision = rejected "
+                "attackers / rejected, recall = rejected attackers / attackers); attackers' weight = mean share "
+                "of the aggregate given to attacking clients in attack rounds.", ""]
+        lines = []
+        for row, col in detected:
+            group = [r for r in groups[(row, col)] if r["status"] == "ok"]
+            tp, fp, fn = (sum(r.get(f"detection_{k}") or 0 for r in group) for k in ("tp", "fp", "fn"))
+            has_counts = any(r.get("detection_tp") is not None for r in group)
+            weights = [r["attacker_weight"] for r in group if r.get("attacker_weight") is not None]
+            fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+            lines.append([row, col, fmt(_ratio(tp, tp + fp)) if has_counts else "—",
+                          fmt(_ratio(tp, tp + fn)) if has_counts else "—",
+                          fmt(float(np.mean(weights))) if weights else "—"])
+        out += _table(["Defense", "column", "precision", "recall", "attackers' weight"], lines)
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        out += ["", "## Runs without results", ""]
+        out += [f"- `runs/{r['run']}`: {r['status']}" + (f" — {r['error']}" if r["error"] else "") for r in failed]
+    if plots:
+        out += ["", "## Figures", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def _curves(sweep: Sweep, results: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    files = []
+    for col in dict.fromkeys(r["column"] for r in results):
+        curves: dict[str, dict[str, list[list[float]]]] = {}
+        for r in results:
+            if r["column"] != col or r["status"] != "ok":
+                continue
+            rows = _read_rows(sweep_dir / "runs" / r["run"])
+            series = curves.setdefault(r["row"], {"acc": [], "asr": []})
+            series["acc"].append([m["clean_acc_thresholded"] for m in rows])
+            series["asr"].append([m["asr_thresholded"] for m in rows])
+        if curves:
+            name = "plot_" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", col).strip("_") + ".png"
+            plot_comparison(curves, sweep_dir / name, f"{sweep.title}: {col}")
+            files.append(name)
+    return files
+
+
+def write_report(sweep: Sweep, sweep_dir: Path) -> list[dict[str, Any]]:
+    """results.csv, results.md and one plot per column from whatever runs have finished."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    results = collect(sweep, sweep_dir)
+    fields = list(dict.fromkeys(k for r in results for k in r))
+    with (sweep_dir / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(results)
+    plots = _curves(sweep, results, sweep_dir)
+    (sweep_dir / "results.md").write_text(markdown(sweep, results, plots))
+    return results

@@ -1,0 +1,119 @@
+"""One experiment end to end: data, initial model, evaluator and strategy, the federation, the run's files.
+
+`run(cfg, out_dir)` is what `sim.py --config ...` does; it raises ConfigError for bad input (before
+anything starts) and SimulationError at runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
+from flip_fl.data import load_datasets
+from flip_fl.evaluation.evaluator import GlobalEvaluator
+from flip_fl.experiments.plots import plot_run
+from flip_fl.experiments.results import RunRecorder
+from flip_fl.federation.client import load_client_class
+from flip_fl.federation.client_app import app as client_app
+from flip_fl.federation.rounds import round_fields
+from flip_fl.federation.runtime import SimulationError, Watchdog, init_ray, launch
+from flip_fl.federation.server_app import RunOutcome, ServerJob, server_app
+from flip_fl.models import build_model
+from flip_fl.defenses.fltrust import evaluation_set
+from strategies import build_strategy
+
+SWEEP_THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
+
+
+def check_client_classes(cfg: Config) -> None:
+    """Import every configured client class now, so a bad path is a config error before Ray starts."""
+    roles = [("clients.benign", cfg.clients.benign)]
+    if num_attackers(cfg) > 0:
+        roles.append(("attack.client", cfg.attack.client))
+    for key_path, dotted in roles:
+        cls = load_client_class(dotted, key_path)
+        check = getattr(cls, "check_config", None)
+        if check is not None:
+            check(cfg)
+
+
+def load_initial_state(cfg: Config, model: torch.nn.Module) -> None:
+    """Load `server.initial_model` into `model` (weights only), with config errors for bad files."""
+    path = Path(cfg.server.initial_model or "")
+    if not path.is_file():
+        raise ConfigError(f"server.initial_model: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"server.initial_model: {path} does not fit model.name={cfg.model.name} ({first})") from None
+
+
+@dataclass
+class RoundReporter:
+    """Evaluates the global model after every round and appends the round's line to metrics.jsonl."""
+
+    cfg: Config
+    model: torch.nn.Module
+    evaluator: GlobalEvaluator
+    recorder: RunRecorder
+    watchdog: Watchdog
+
+    def __call__(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Evaluate `arrays` (the global model after `server_round`) and record the round."""
+        entered = time.time()
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = self.evaluator.evaluate(self.model)
+        record = strategy.rounds.get(server_round)
+        started = record.started if record is not None else entered
+        row = {"round": server_round, "threshold": self.cfg.defense.threshold, **metrics, **round_fields(record),
+               "seconds": time.time() - started}
+        self.recorder.record_round(row)
+        self.watchdog.beat()
+        return MetricRecord({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool = True) -> dict[str, Any]:
+    """Run the simulation described by `cfg`, writing results to `out_dir`; returns the summary.
+
+    Raises ConfigError for bad input (before anything starts) and SimulationError at runtime.
+    """
+    check_client_classes(cfg)
+    train, test = load_datasets(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, train)
+    if cfg.server.initial_model:
+        load_initial_state(cfg, model)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+    evaluator = GlobalEvaluator(cfg, evaluation_set(cfg, test), device)
+    init_ray(cfg.resources, ray_address)
+
+    recorder = RunRecorder(out_dir, cfg, echo=echo)
+    watchdog = Watchdog(limit=cfg.resources.round_timeout + 120.0)
+    base_config = {"flipfl-config": to_yaml(cfg), "workdir": str((out_dir / "client_state").resolve())}
+    job = ServerJob(num_clients=cfg.federation.num_clients, num_rounds=cfg.federation.num_rounds,
+                    round_timeout=cfg.resources.round_timeout, initial_state=initial_state,
+                    build_strategy=lambda partitions: build_strategy(cfg, partitions, base_config),
+                    on_round=RoundReporter(cfg, model, evaluator, recorder, watchdog))
+    outcome = RunOutcome()
+    launch(server_app(job, outcome), client_app, cfg.federation.num_clients, cfg.resources, watchdog)
+    if outcome.error is not None:
+        if isinstance(outcome.error, (ConfigError, SimulationError)):
+            raise outcome.error
+        raise SimulationError(f"{type(outcome.error).__name__}: {outcome.error}") from outcome.error
+    if outcome.final_state is None:
+        raise SimulationError("the simulation ended without a final model (see the log above)")
+
+    recorder.save_model(outcome.final_state)
+    model.load_state_dict(outcome.final_state)
+    recorder.write_csv("threshold_sweep.csv", evaluator.sweep(model, SWEEP_THRESHOLDS))
+    plot_run(out_dir)
+    return recorder.write_summary({"output_dir": str(out_dir)})

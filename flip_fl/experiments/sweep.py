@@ -1,0 +1,105 @@
+"""Running a sweep: every point of the grid as its own process, finished runs reused, then the report.
+
+Every run is a subprocess `python -m flip_fl.experiments.cli --config RUN/requested.yaml --output-dir RUN`
+under `SWEEP_DIR/runs/<key=value__...>/`, so a crash or a watchdog abort ends one run, not the sweep; runs
+go one at a time unless `jobs` > 1 (each has its own local Ray cluster). A run
+whose directory holds summary.json is not rerun (its config must equal the requested one); a failed
+run is rerun next time and shows as failed in the table until then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flip_fl.config import Config, ConfigError, config_from_dict, to_yaml
+from flip_fl.experiments.grid import Point, Sweep
+from flip_fl.experiments.report import error_line, write_report
+
+CLI_MODULE = "flip_fl.experiments.cli"
+
+
+def finished_config(run_dir: Path) -> Config | None:
+    """The config of a finished run in `run_dir` (None when it has not finished)."""
+    if not (run_dir / "summary.json").is_file():
+        return None
+    try:
+        return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, ConfigError, yaml.YAMLError):
+        return None
+
+
+def check_finished(sweep: Sweep, sweep_dir: Path) -> None:
+    """A finished run directory must hold the config its point asks for (else the table would lie)."""
+    for point in sweep.points:
+        run_dir = sweep_dir / "runs" / point.name
+        if (run_dir / "summary.json").is_file() and finished_config(run_dir) != point.cfg:
+            raise ConfigError(f"{run_dir}: a finished run with a different config is in the way; "
+                              "delete it or choose another --output-dir")
+
+
+def run_point(point: Point, run_dir: Path, ray_address: str | None) -> tuple[bool, str]:
+    """Run one point as a command-line subprocess; (ok, one-line outcome)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    requested = run_dir / "requested.yaml"
+    requested.write_text(to_yaml(point.cfg))
+    cmd = [sys.executable, "-m", CLI_MODULE, "--config", str(requested), "--output-dir", str(run_dir)]
+    if ray_address:
+        cmd += ["--ray-address", ray_address]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    with (run_dir / "log.txt").open("w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc == 130:
+        raise KeyboardInterrupt
+    if rc == 0 and (run_dir / "summary.json").is_file():
+        final = json.loads((run_dir / "summary.json").read_text())["final"]
+        return True, f"acc {final['clean_acc']:.4f} asr {final['asr']:.4f}"
+    return False, f"exit {rc}: {error_line(run_dir / 'log.txt')}"
+
+
+def run_sweep(sweep: Sweep, sweep_dir: Path, ray_address: str | None = None, jobs: int = 1,
+              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every unfinished point (grid order, `jobs` at a time), then write the report; returns the result rows.
+
+    With jobs > 1 the runs share the machine, so their timings (and the cost table) are not comparable.
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs: {jobs} must be at least 1")
+    check_finished(sweep, sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep.spec, sort_keys=False))
+    total = len(sweep.points)
+    todo = []
+    for i, point in enumerate(sweep.points, 1):
+        if finished_config(sweep_dir / "runs" / point.name) is not None:
+            echo(f"[{i}/{total}] {point.name}: finished before, skipped")
+        else:
+            todo.append((i, point))
+    lock = threading.Lock()
+
+    def task(i: int, point: Point) -> None:
+        with lock:
+            echo(f"[{i}/{total}] {point.name}: running")
+        start = time.time()
+        ok, outcome = run_point(point, sweep_dir / "runs" / point.name, ray_address)
+        with lock:
+            echo(f"[{i}/{total}] {point.name}: {'done' if ok else 'FAILED'} in {time.time() - start:.1f}s, {outcome}")
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for future in as_completed([pool.submit(task, i, p) for i, p in todo]):
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        rows = write_report(sweep, sweep_dir)
+    return rows
