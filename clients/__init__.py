@@ -5,4 +5,5 @@ from clients.flip_defense import FlipDefenseClient
 from clients.flip_labels import FlipLabelClient
 from clients.poison import ModelReplacementClient, NormBoundedClient, PoisonClient
 
-__all__ = ["BenignClient", "FlipDefenseClient", "FlipLabelClient", "PoisonClient", "ModelReplacementClient", "NormBoundedClient"]
+__all__ = ["BenignClient", "FlipDefenseClient", "FlipLabelClient", "PoisonClient", "ModelReplacementClient",
+           "NormBoundedClient"]

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.benign import BenignClient
-from flip_fl.federation.client import ClientState, FitResult, RoundInfo, StateDict
 from flip_fl.defenses.flip.hardening import UNIVERSAL, TriggerCache, harden_batch
 from flip_fl.defenses.flip.inversion import InversionSettings, invert_triggers, universal_tasks
+from flip_fl.federation.client import ClientState, FitResult, RoundInfo, StateDict
 from flip_fl.training import batch_indices, state_on_cpu
 
 CACHE_PREFIX = "flip/"

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from clients.benign import BenignClient
-from flip_fl.federation.client import FitResult, RoundInfo, StateDict
-from flip_fl.config import Config
-from flip_fl.data import ImageDataset, client_indices, load_datasets
 from flip_fl.attacks.flip_labels.pipeline import local_flip_labels
+from flip_fl.config import Config
 from flip_fl.config.schema import ConfigError
+from flip_fl.data import ImageDataset, client_indices, load_datasets
+from flip_fl.federation.client import FitResult, RoundInfo, StateDict
 
 
 class FlipLabelClient(BenignClient):

@@ -11,12 +11,18 @@ from typing import ClassVar
 import torch
 
 from clients.benign import BenignClient
+from flip_fl.attacks.poisoning import (
+    model_replacement_scale,
+    num_poison_for_batch,
+    poison_batch,
+    project_l2,
+    scale_update,
+    update_norm,
+)
 from flip_fl.attacks.triggers import build_trigger
-from flip_fl.federation.client import FitResult, RoundInfo, StateDict
 from flip_fl.config import Config
-from flip_fl.attacks.poisoning import (model_replacement_scale, num_poison_for_batch, poison_batch, project_l2, scale_update,
-                               update_norm)
 from flip_fl.config.schema import ConfigError
+from flip_fl.federation.client import FitResult, RoundInfo, StateDict
 from flip_fl.training import sgd, state_on_cpu, train_epochs
 
 
@@ -52,7 +58,8 @@ class PoisonClient(BenignClient):
         milestones = sorted({max(1, round(m * epochs)) for m in a.lr_milestones})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, a.lr_gamma)
         trigger = build_trigger(a, self.data.image_shape)
-        piece = info.attacker_index % trigger.num_pieces if trigger.num_pieces > 1 and info.attacker_index is not None else None
+        distributed = trigger.num_pieces > 1 and info.attacker_index is not None
+        piece = info.attacker_index % trigger.num_pieces if distributed else None
 
         def poison(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             k = num_poison_for_batch(len(x), fraction=a.poison_fraction)

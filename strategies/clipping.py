@@ -59,8 +59,11 @@ class WeakDPDefense(DeltaDefense):
 
 
 class FLAMEDefense(DeltaDefense):
-    """FLAME (Nguyen et al. 2022): HDBSCAN on cosine distances of the parameter updates, clipping to
-    their median norm, Gaussian noise of std defense.flame_lambda * median norm on the model."""
+    """FLAME (Nguyen et al. 2022): clustering, clipping and noise.
+
+    HDBSCAN on cosine distances of the parameter updates, clipping to their median norm, Gaussian
+    noise of std defense.flame_lambda * median norm on the model.
+    """
 
     name = "flame"
 

@@ -43,7 +43,7 @@ class Decision:
 
 
 def assumed_malicious(cfg: Config) -> int:
-    """f for Krum, Multi-Krum and Bulyan: defense.num_malicious, or the most attackers due in one round."""
+    """F for Krum, Multi-Krum and Bulyan: defense.num_malicious, or the most attackers due in one round."""
     return cfg.defense.num_malicious if cfg.defense.num_malicious is not None else max_attackers_per_round(cfg)
 
 
@@ -122,7 +122,7 @@ class DefenseStrategy(SeededFedAvg):
         return flatten_state(states, keys) - flatten_state([self.global_state], keys)[0]
 
     def model_from_delta(self, delta: np.ndarray) -> ArrayRecord:
-        """global + delta as an ArrayRecord (float64 for float entries, so no rounding before the server lr)."""
+        """Global + delta as an ArrayRecord (float64 for float entries, so no rounding before the server lr)."""
         template = {k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v
                     for k, v in self.global_state.items()}
         base = flatten_state([self.global_state], list(template))[0]

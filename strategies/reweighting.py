@@ -72,8 +72,10 @@ class FoolsGoldDefense(DeltaDefense):
 
 
 class RLRDefense(DeltaDefense):
-    """Robust learning rate (Ozdayi et al. 2021): coordinates where fewer than theta clients agree in
-    sign get the server learning rate negated."""
+    """Robust learning rate (Ozdayi et al. 2021).
+
+    Coordinates where fewer than theta clients agree in sign get the server learning rate negated.
+    """
 
     name = "rlr"
 

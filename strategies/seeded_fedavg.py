@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.config import Config
+from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.federation.rounds import RoundRecord, short_reason
 from flip_fl.federation.schedule import is_attack_round, malicious_ids, sample_round
 
@@ -90,7 +90,8 @@ class SeededFedAvg(FedAvg):
         record.failures = len(record.failed)
         record.errors = [short_reason(m.error.reason) for m in replies if m.has_error()][:5]
         if not ok:
-            reasons = "; ".join(record.errors) or f"no reply within resources.round_timeout ({self.cfg.resources.round_timeout:g}s)"
+            timeout = self.cfg.resources.round_timeout
+            reasons = "; ".join(record.errors) or f"no reply within resources.round_timeout ({timeout:g}s)"
             raise RoundFailedError(f"round {server_round}: all {len(record.sampled)} sampled clients failed: {reasons}")
         for m in ok:
             record.client_metrics[self.partition_of[m.metadata.src_node_id]] = {

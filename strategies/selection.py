@@ -84,9 +84,12 @@ class MultiKrumDefense(_SelectionDefense, MultiKrum):
 
 
 class BulyanDefense(_SelectionDefense, Bulyan):
-    """Bulyan (El Mhamdi et al. 2018) as Flower implements it: one-shot Multi-Krum selection of
-    theta = n - 2f updates, then per coordinate the mean of the beta = theta - 2f values closest to
-    the median. A round with fewer than 4f + 3 replies (client failures) keeps the global model."""
+    """Bulyan (El Mhamdi et al. 2018) as Flower implements it.
+
+    One-shot Multi-Krum selection of theta = n - 2f updates, then per coordinate the mean of the beta = theta
+    - 2f values closest to the median. A round with fewer than 4f + 3 replies (client failures) keeps the
+    global model.
+    """
 
     name = "bulyan"
 

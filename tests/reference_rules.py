@@ -14,7 +14,7 @@ from flip_fl.defenses.krum import krum_scores
 def mean(U: Any, weights: Any = None) -> AggregationOutcome:
     """Plain (optionally example-weighted) average: FedAvg (McMahan et al., AISTATS 2017).
 
-    ``weights`` (e.g. number of examples) default to uniform.  ``outcome.weights`` are the
+    `weights` (e.g. number of examples) default to uniform.  `outcome.weights` are the
     normalised coefficients.
     """
     U = as_updates(U)
@@ -32,18 +32,18 @@ def mean(U: Any, weights: Any = None) -> AggregationOutcome:
 def bulyan(U: Any, num_malicious: int) -> AggregationOutcome:
     """Bulyan (El Mhamdi et al., ICML 2018) with Krum as the selection rule.
 
-    1. Selection: ``theta = n - 2f`` updates are chosen by applying Krum repeatedly to the
+    1. Selection: `theta = n - 2f` updates are chosen by applying Krum repeatedly to the
        remaining set (each pick is removed and scores are recomputed on the rest, with
-       ``max(1, n_remaining - f - 2)`` neighbours -- the inner steps cannot satisfy Krum's
-       own ``n > 2f + 2`` once the set shrinks; this matches the paper's recursion and
-       Flower's legacy ``aggregate_bulyan``).
-    2. Per coordinate, average the ``beta = theta - 2f`` selected values closest to the
+       `max(1, n_remaining - f - 2)` neighbours -- the inner steps cannot satisfy Krum's
+       own `n > 2f + 2` once the set shrinks; this matches the paper's recursion and
+       Flower's legacy `aggregate_bulyan`).
+    2. Per coordinate, average the `beta = theta - 2f` selected values closest to the
        coordinate-wise median of the selected set (ties by selection order).
 
-    Requires ``n >= 4f + 3``.  ``kept`` marks the theta selected clients; ``weights[i]`` is
+    Requires `n >= 4f + 3`.  `kept` marks the theta selected clients; `weights[i]` is
     client i's per-coordinate coefficient (1/beta when among the beta closest) averaged over
-    coordinates.  arrays: ``"scores"`` Krum scores on the full set, ``"selection_order"``
-    (theta,) indices in the order picked, ``"scale"`` ones.  info: ``theta``, ``beta``.
+    coordinates.  arrays: `"scores"` Krum scores on the full set, `"selection_order"`
+    (theta,) indices in the order picked, `"scale"` ones.  info: `theta`, `beta`.
     """
     U = as_updates(U)
     n, d = U.shape

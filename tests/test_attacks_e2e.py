@@ -17,6 +17,8 @@ from flip_fl.attacks.poisoning import update_norm
 from flip_fl.experiments.run import run
 from tests.tiny import tiny_config
 
+pytestmark = pytest.mark.e2e  # real Flower + Ray simulations / command-line subprocesses
+
 BASE = {
     "seed": 0,
     "data": {"name": "synthetic", "synthetic": {"train_size": 2400, "test_size": 1000}},

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # real Flower + Ray simulations / command-line subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,8 @@ def sim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["--config", "configs/quickstart.yaml", "--set", "federation.num_client=3"],
      "error: federation.num_client: unknown key; did you mean 'num_clients'?"),
     (["--config", "configs/quickstart.yaml", "--set", "client.lr=fast"], "error: client.lr: expected a number"),
-    (["--config", "configs/quickstart.yaml", "--set", "attack.num_malicious=30"], "error: attack.num_malicious: 30 exceeds"),
+    (["--config", "configs/quickstart.yaml", "--set", "attack.num_malicious=30"],
+     "error: attack.num_malicious: 30 exceeds"),
     (["--config", "configs/quickstart.yaml", "--set", "clients.benign=flip_fl.config.Config"],
      "error: clients.benign: flip_fl.config.Config does not subclass flip_fl.client.BaseClient"),
     (["--config", "configs/quickstart.yaml", "--set", "clients.benign=nowhere.Client"],

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flip_fl.config import apply_overrides, config_reference_markdown, load_config, parse_override
-from flip_fl.config import ConfigError
+from flip_fl.config import ConfigError, apply_overrides, config_reference_markdown, load_config, parse_override
 from tests.tiny import tiny_config
 
 
@@ -21,7 +20,8 @@ def test_defaults_load():
 
 
 def test_unknown_key_suggests_the_close_one():
-    assert error_of("federation.num_client=3").startswith("federation.num_client: unknown key; did you mean 'num_clients'?")
+    expected = "federation.num_client: unknown key; did you mean 'num_clients'?"
+    assert error_of("federation.num_client=3").startswith(expected)
     assert "unknown key" in error_of("nonsense.x=1")
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from flip_fl.data import load_torchvision, make_synthetic, partition_dirichlet, partition_iid
 from flip_fl.config import ConfigError
+from flip_fl.data import load_torchvision, make_synthetic, partition_dirichlet, partition_iid
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])

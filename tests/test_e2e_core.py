@@ -9,6 +9,9 @@ from flip_fl.config import ConfigError
 from flip_fl.experiments.run import SimulationError, run
 from tests.tiny import tiny_config
 
+pytestmark = pytest.mark.e2e  # real Flower + Ray simulations / command-line subprocesses
+
+
 def strip_timings(row: dict) -> dict:
     """A metrics row without its wall-clock measurements (every key ending in 'seconds', per client too)."""
     return {k: {p: strip_timings(m) for p, m in v.items()} if k == "client_metrics" else v

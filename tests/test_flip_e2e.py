@@ -17,9 +17,11 @@ import torch
 
 from flip_fl.config import load_config
 from flip_fl.data import load_datasets
-from flip_fl.models import build_model
 from flip_fl.experiments.run import run
+from flip_fl.models import build_model
 from flip_fl.training import sgd, train_epochs
+
+pytestmark = pytest.mark.e2e  # real Flower + Ray simulations / command-line subprocesses
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_flip.yaml"
 NO_DEFENSE = ("clients.benign=clients.BenignClient",)

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from clients.flip_labels import FlipLabelClient
-from flip_fl.federation.client import ClientState, RoundInfo
-from flip_fl.config import load_config
-from flip_fl.data import client_dataset, client_indices, load_datasets
 from flip_fl.attacks.flip_labels.pipeline import run_stages
+from flip_fl.config import ConfigError, load_config
+from flip_fl.data import client_dataset, client_indices, load_datasets
+from flip_fl.federation.client import ClientState, RoundInfo
 from flip_fl.models import build_model
-from flip_fl.config import ConfigError
 from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +46,18 @@ def test_stages_write_outputs_and_resume(tmp_path: Path):
     assert table.count("\n") == 2 + 1 + 2 * 3 and "| clean |" in table and "| random |" in table
     assert "| random-same-class |" in table and "PTA without trigger" in table
     expert_scores = json.loads((tmp_path / "experts" / "expert_0" / "done.json").read_text())["test"]
-    assert set(expert_scores) == {"cta", "pta", "pta_clean"} and any(line.startswith("experts: expert 1: CTA") for line in lines)
+    assert set(expert_scores) == {"cta", "pta", "pta_clean"}
+    assert any(line.startswith("experts: expert 1: CTA") for line in lines)
 
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pt")}
     run_stages(cfg, train, test, tmp_path, ["experts", "labels"], log=lines.append)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pt")} == before  # reused, not recomputed
 
 
+@pytest.mark.e2e
 def test_cli_reports_a_missing_earlier_stage(tmp_path: Path):
-    result = subprocess.run([sys.executable, str(ROOT / "sim.py"), "labels", "--config", "configs/flip_labels_synthetic.yaml",
-                             "--stage", "flips", "--output-dir", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(ROOT / "sim.py"), "labels", "--config",
+                             "configs/flip_labels_synthetic.yaml", "--stage", "flips", "--output-dir", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: label logits missing") and "--stage labels" in result.stderr

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from flip_fl.data import make_synthetic
 from flip_fl.attacks.flip_labels import AugmentSettings, ExpertSettings, checkpoint_steps, load_trajectory, train_expert
 from flip_fl.attacks.flip_labels.common import PoisonedData, poison_source_indices
 from flip_fl.attacks.triggers import create_trigger
+from flip_fl.data import make_synthetic
 
 NUM_CLASSES = 3
 

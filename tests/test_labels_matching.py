@@ -5,8 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flip_fl.data import make_synthetic
-
 from flip_fl.attacks.flip_labels import (
     AugmentSettings,
     ExpertSettings,
@@ -19,6 +17,7 @@ from flip_fl.attacks.flip_labels import (
     train_expert,
 )
 from flip_fl.attacks.triggers import create_trigger
+from flip_fl.data import make_synthetic
 
 
 def _bn_net(in_channels: int = 2, num_classes: int = 5) -> nn.Module:

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from flip_fl.attacks.flip_labels import AugmentSettings, TrainSettings, evaluate_cta_pta, soft_labels, train_user_model
-from flip_fl.models import create_model
 from flip_fl.attacks.triggers import create_trigger
+from flip_fl.models import create_model
 
 
 class _Const(nn.Module):

@@ -73,8 +73,10 @@ def test_model_replacement_scale_values():
     assert model_replacement_scale(10, 0.1, weighted=False) == pytest.approx(100.0)
     assert model_replacement_scale(10, 1.0) == pytest.approx(10.0)
     # weighted: N / (eta * n_att)
-    assert model_replacement_scale(10, 1.0, weighted=True, total_examples=6000, attacker_examples=600) == pytest.approx(10.0)
-    assert model_replacement_scale(10, 0.5, weighted=True, total_examples=1000, attacker_examples=50) == pytest.approx(40.0)
+    weighted = model_replacement_scale(10, 1.0, weighted=True, total_examples=6000, attacker_examples=600)
+    assert weighted == pytest.approx(10.0)
+    weighted = model_replacement_scale(10, 0.5, weighted=True, total_examples=1000, attacker_examples=50)
+    assert weighted == pytest.approx(40.0)
     with pytest.raises(ValueError):
         model_replacement_scale(10, 1.0, weighted=True)
     with pytest.raises(ValueError):
@@ -111,14 +113,14 @@ def test_scaled_attacker_replaces_global_weighted():
 
 def test_scale_update_hand_example_and_purity():
     g = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
-    l = {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(5)}
-    out = scale_update(g, l, 10.0)
+    local = {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(5)}
+    out = scale_update(g, local, 10.0)
     assert torch.equal(out["w"], torch.tensor([11.0, -18.0]))
     assert torch.equal(out["n"], torch.tensor(5)) and out["n"].dtype == torch.int64
-    assert out["n"].data_ptr() != l["n"].data_ptr()
-    assert torch.equal(g["w"], torch.tensor([1.0, 2.0])) and torch.equal(l["w"], torch.tensor([2.0, 0.0]))
+    assert out["n"].data_ptr() != local["n"].data_ptr()
+    assert torch.equal(g["w"], torch.tensor([1.0, 2.0])) and torch.equal(local["w"], torch.tensor([2.0, 0.0]))
     with pytest.raises(ValueError, match="keys"):
-        scale_update(g, {"w": l["w"]}, 1.0)
+        scale_update(g, {"w": local["w"]}, 1.0)
 
 
 # ---------------------------------------------------------------- norm and projection
@@ -126,8 +128,8 @@ def test_scale_update_hand_example_and_purity():
 
 def test_update_norm_hand_example_skips_int():
     g = {"a": torch.zeros(2), "b": torch.zeros(1, 1), "n": torch.tensor(0)}
-    l = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]]), "n": torch.tensor(100)}
-    assert update_norm(g, l) == pytest.approx(5.0)
+    local = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]]), "n": torch.tensor(100)}
+    assert update_norm(g, local) == pytest.approx(5.0)
     assert update_norm(g, g) == 0.0
 
 
@@ -161,8 +163,8 @@ def test_project_l2_inside_returns_local_unchanged():
 
 def test_project_l2_hand_example():
     g = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(7)}
-    l = {"w": torch.tensor([4.0, 5.0]), "n": torch.tensor(9)}  # delta (3, 4), norm 5
-    out = project_l2(g, l, 2.5)
+    local = {"w": torch.tensor([4.0, 5.0]), "n": torch.tensor(9)}  # delta (3, 4), norm 5
+    out = project_l2(g, local, 2.5)
     torch.testing.assert_close(out["w"], torch.tensor([2.5, 3.0]))
     assert out["n"].item() == 9
     assert math.isclose(update_norm(g, out), 2.5, rel_tol=1e-6)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flip_fl.config import Config, load_config
+from flip_fl.config import Config, ConfigError, load_config
 from flip_fl.federation.schedule import attack_rounds, attackers_due, is_attack_round, malicious_ids, sample_round
-from flip_fl.config import ConfigError
 from tests.tiny import tiny_config
 
 BASE = {

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flip_fl.config import to_yaml
-from flip_fl.config import ConfigError
+from flip_fl.config import ConfigError, to_yaml
 from flip_fl.experiments.grid import load_sweep
 from flip_fl.experiments.report import write_report
 from flip_fl.experiments.sweep import check_finished
@@ -114,6 +113,7 @@ def test_report_counts_seeds_and_shows_failed_and_missing_runs(tmp_path: Path):
         check_finished(other, tmp_path / "out")
 
 
+@pytest.mark.e2e
 def test_sweep_command_bad_input_exits_2_with_one_line(tmp_path: Path):
     result = sim("sweep", "--config", str(write_spec(tmp_path / "s.yaml", {"defense.name": ["nope"]})),
                  "--output-dir", str(tmp_path / "out"))
@@ -123,6 +123,7 @@ def test_sweep_command_bad_input_exits_2_with_one_line(tmp_path: Path):
         " | ".join(repr(n) for n in DEFENSES)]
 
 
+@pytest.mark.e2e
 def test_tiny_sweep_over_every_defense_and_both_attack_modes(tmp_path: Path):
     """13 real runs (2 rounds, 8 clients) as subprocesses, two at a time; each defense once, the modes alternating."""
     names = list(DEFENSES)

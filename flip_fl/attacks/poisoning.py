@@ -1,8 +1,8 @@
 """Pure attack math: batch poisoning, model-replacement scaling, L2 projection of updates.
 
-State dicts are ``{name: Tensor}`` (e.g. ``model.state_dict()``). "Floating entries" are the
+State dicts are `{name: Tensor}` (e.g. `model.state_dict()`). "Floating entries" are the
 floating-point tensors (weights, biases, BatchNorm running mean/var); integer buffers such as
-BatchNorm ``num_batches_tracked`` are never scaled or counted in norms: they are copied from the
+BatchNorm `num_batches_tracked` are never scaled or counted in norms: they are copied from the
 local state unchanged. Every function returns new tensors and leaves its inputs untouched.
 """
 
@@ -35,10 +35,11 @@ def poison_batch(
     piece: int | None = None,
     source_label: int = -1,
 ) -> tuple[Tensor, Tensor]:
-    """Stamp the first ``num_poison`` samples of the batch with ``trigger`` (local ``piece`` or,
-    with ``piece=None``, the full trigger) and relabel them ``target_label``, as the DBA and FLIP
-    defense code do. With ``source_label >= 0`` only samples of that class are eligible (the first
-    ``num_poison`` of them). ``num_poison`` is clipped to what is eligible. Returns copies ``(x2, y2)``.
+    """Stamp the first `num_poison` samples of the batch with `trigger` and relabel them.
+
+    The trigger is local `piece` or, with `piece=None`, the full trigger; the label is `target_label`, as the
+    DBA and FLIP defense code do. With `source_label >= 0` only samples of that class are eligible (the first
+    `num_poison` of them). `num_poison` is clipped to what is eligible. Returns copies `(x2, y2)`.
     """
     if num_poison < 0:
         raise ValueError(f"num_poison must be >= 0, got {num_poison}")
@@ -54,11 +55,13 @@ def poison_batch(
 def num_poison_for_batch(
     batch_size: int, fraction: float | None = None, count: int | None = None
 ) -> int:
-    """How many samples of a batch of ``batch_size`` to poison. Give exactly one of:
+    """How many samples of a batch of `batch_size` to poison.
 
-    - ``count``: a fixed number per batch (the DBA/FLIP setting, e.g. 20 of 64), capped at
-      ``batch_size`` (so a short last batch is poisoned entirely if it is smaller than ``count``);
-    - ``fraction`` in [0, 1]: ``round(fraction * batch_size)`` with halves rounded up, e.g.
+    Give exactly one of:
+
+    - `count`: a fixed number per batch (the DBA/FLIP setting, e.g. 20 of 64), capped at
+      `batch_size` (so a short last batch is poisoned entirely if it is smaller than `count`);
+    - `fraction` in [0, 1]: `round(fraction * batch_size)` with halves rounded up, e.g.
       fraction 20/64 gives 20 for a batch of 64 and 5 for a batch of 16.
     """
     if (fraction is None) == (count is None):
@@ -84,16 +87,16 @@ def model_replacement_scale(
 ) -> float:
     """Scale factor gamma of the model-replacement attack (Bagdasaryan et al. 2020).
 
-    The attacker submits ``global + gamma * (local - global)`` (see ``scale_update``). If the other
+    The attacker submits `global + gamma * (local - global)` (see `scale_update`). If the other
     clients' updates are ~0 (the global model has converged), the server's aggregation then yields
     the attacker's local model:
 
-    - unweighted (FLIP defense server): ``global += eta * mean_i(delta_i)`` over
-      ``num_clients_per_round`` clients -> ``gamma = num_clients_per_round / eta``
+    - unweighted (FLIP defense server): `global += eta * mean_i(delta_i)` over
+      `num_clients_per_round` clients -> `gamma = num_clients_per_round / eta`
       (10 clients, eta 0.1 -> 100, the paper's x100);
-    - weighted (FedAvg-style): ``global += eta * sum_i(n_i / N * delta_i)`` -> ``gamma = N / (eta * n_att)``
-      with ``N = total_examples`` (all sampled clients of the round, attacker included) and
-      ``n_att = attacker_examples``; ``num_clients_per_round`` is then not used.
+    - weighted (FedAvg-style): `global += eta * sum_i(n_i / N * delta_i)` -> `gamma = N / (eta * n_att)`
+      with `N = total_examples` (all sampled clients of the round, attacker included) and
+      `n_att = attacker_examples`; `num_clients_per_round` is then not used.
     """
     if server_lr <= 0:
         raise ValueError(f"server_lr must be > 0, got {server_lr}")
@@ -119,8 +122,11 @@ def _check_keys(global_state: Mapping[str, Tensor], local_state: Mapping[str, Te
 def scale_update(
     global_state: Mapping[str, Tensor], local_state: Mapping[str, Tensor], gamma: float
 ) -> dict[str, Tensor]:
-    """``global + gamma * (local - global)`` for floating entries (in the local entry's dtype and
-    device); non-floating entries (e.g. ``num_batches_tracked``) are copied from ``local``."""
+    """`global + gamma * (local - global)` for floating entries.
+
+    Results are in the local entry's dtype and device; non-floating entries (e.g.
+    `num_batches_tracked`) are copied from `local`.
+    """
     _check_keys(global_state, local_state)
     out: dict[str, Tensor] = {}
     for k, loc in local_state.items():
@@ -134,7 +140,7 @@ def scale_update(
 
 
 def update_norm(global_state: Mapping[str, Tensor], local_state: Mapping[str, Tensor]) -> float:
-    """L2 norm of ``local - global`` over all floating entries jointly (float64 accumulation)."""
+    """L2 norm of `local - global` over all floating entries jointly (float64 accumulation)."""
     _check_keys(global_state, local_state)
     squares = [
         (loc.detach().double() - global_state[k].detach().to(loc.device).double()).pow(2).sum()
@@ -150,9 +156,11 @@ def update_norm(global_state: Mapping[str, Tensor], local_state: Mapping[str, Te
 def project_l2(
     global_state: Mapping[str, Tensor], local_state: Mapping[str, Tensor], eps: float
 ) -> dict[str, Tensor]:
-    """Project ``local`` onto the L2 ball of radius ``eps`` around ``global`` (norm as in
-    ``update_norm``). Inside the ball: a copy of ``local``. Outside: ``global + eps * d / ||d||``
-    with ``d = local - global``. Non-floating entries are copied from ``local``."""
+    """Project `local` onto the L2 ball of radius `eps` around `global`.
+
+    The norm is that of `update_norm`. Inside the ball: a copy of `local`. Outside: `global + eps * d / ||d||`
+    with `d = local - global`. Non-floating entries are copied from `local`.
+    """
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     norm = update_norm(global_state, local_state)

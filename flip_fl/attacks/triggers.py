@@ -1,24 +1,24 @@
 """Backdoor trigger library.
 
-Every trigger works on float images in [0, 1], shaped ``N x C x H x W`` (a single ``C x H x W``
-image is accepted too). ``apply`` never modifies its input: it returns a new tensor with the same
+Every trigger works on float images in [0, 1], shaped `N x C x H x W` (a single `C x H x W`
+image is accepted too). `apply` never modifies its input: it returns a new tensor with the same
 dtype and device, clipped to [0, 1]. A trigger is bound at creation to one image shape
-``(C, H, W)``; its defaults and geometry checks depend on it.
+`(C, H, W)`; its defaults and geometry checks depend on it.
 
-Triggers (``TRIGGERS``; build them with ``create_trigger(name, image_shape, **kwargs)``):
+Triggers (`TRIGGERS`; build them with `create_trigger(name, image_shape, **kwargs)`):
 
-- ``pixel_pattern``  BadNets square/rectangular patch.
-- ``dba``            Distributed Backdoor Attack (Xie et al., ICLR 2020): a global trigger made of
-                     ``len(rows) * len(cols)`` horizontal line segments, each one local piece.
-- ``blended``        ``x' = (1 - alpha) x + alpha * pattern`` over the whole image (Chen et al. 2017).
-- ``sinusoidal``     additive column-wise sine over the whole image (FLIP label attack "s").
-- ``turner``         checkerboard in the four corners (Turner et al. clean-label; FLIP "t").
-- ``fixed_pixels``   a few single pixels set to given colours (FLIP label attack "p").
+- `pixel_pattern`  BadNets square/rectangular patch.
+- `dba`            Distributed Backdoor Attack (Xie et al., ICLR 2020): a global trigger made of
+                     `len(rows) * len(cols)` horizontal line segments, each one local piece.
+- `blended`        `x' = (1 - alpha) x + alpha * pattern` over the whole image (Chen et al. 2017).
+- `sinusoidal`     additive column-wise sine over the whole image (FLIP label attack "s").
+- `turner`         checkerboard in the four corners (Turner et al. clean-label; FLIP "t").
+- `fixed_pixels`   a few single pixels set to given colours (FLIP label attack "p").
 
-Pieces: ``num_pieces`` is the number of local pieces (1 for non-distributed triggers).
-``apply(x, piece=None)`` stamps the full/global trigger (for DBA the union of all pieces);
-``apply(x, piece=i)`` stamps only local piece ``i``. Non-distributed triggers accept only
-``piece=None`` or ``piece=0``.
+Pieces: `num_pieces` is the number of local pieces (1 for non-distributed triggers).
+`apply(x, piece=None)` stamps the full/global trigger (for DBA the union of all pieces);
+`apply(x, piece=i)` stamps only local piece `i`. Non-distributed triggers accept only
+`piece=None` or `piece=0`.
 """
 
 from __future__ import annotations
@@ -142,11 +142,11 @@ def _parse_colour(name: str, colour: Any, channels: int) -> Tensor:
 
 
 class Trigger:
-    """Base class. Subclasses implement ``_stamp`` and ``_mask``.
+    """Base class. Subclasses implement `_stamp` and `_mask`.
 
     Attributes:
         name: registry name.
-        image_shape: ``(C, H, W)`` the trigger was built for.
+        image_shape: `(C, H, W)` the trigger was built for.
         num_pieces: number of local pieces (1 unless distributed).
     """
 
@@ -159,7 +159,7 @@ class Trigger:
     # -- public API ---------------------------------------------------------------------------
 
     def apply(self, x: Tensor, piece: int | None = None) -> Tensor:
-        """Return a stamped copy of ``x`` (``N x C x H x W`` or ``C x H x W``), clipped to [0, 1]."""
+        """Return a stamped copy of `x` (`N x C x H x W` or `C x H x W`), clipped to [0, 1]."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError("trigger input must be a floating-point tensor with values in [0, 1]")
         if x.dim() == 3:
@@ -175,9 +175,9 @@ class Trigger:
     def mask(
         self, image_shape: Sequence[int] | None = None, piece: int | None = None
     ) -> Tensor:
-        """H x W bool tensor of the pixels the trigger (or local ``piece``) touches.
+        """H x W bool tensor of the pixels the trigger (or local `piece`) touches.
 
-        ``image_shape`` ((C, H, W) or (H, W)) is optional and must match the trigger's own shape.
+        `image_shape` ((C, H, W) or (H, W)) is optional and must match the trigger's own shape.
         """
         if image_shape is not None:
             hw = tuple(int(s) for s in image_shape)[-2:]
@@ -248,7 +248,7 @@ class _MaskedPatternTrigger(Trigger):
 
 
 class PixelPatternTrigger(_MaskedPatternTrigger):
-    """BadNets patch: a ``size`` rectangle whose top-left pixel is (``row``, ``col``).
+    """BadNets patch: a `size` rectangle whose top-left pixel is (`row`, `col`).
 
     Parameters:
         size: int (square) or (height, width). Default 3 (a 3x3 square).
@@ -288,18 +288,18 @@ class PixelPatternTrigger(_MaskedPatternTrigger):
 class DBATrigger(_MaskedPatternTrigger):
     """Distributed backdoor trigger (Xie et al. 2020) as used by the FLIP defense.
 
-    The global trigger is ``len(rows) * len(cols)`` one-pixel-high line segments, set to ``value``
+    The global trigger is `len(rows) * len(cols)` one-pixel-high line segments, set to `value`
     in all channels. Piece order is row-major over (row, col-range): with the MNIST defaults
     piece 0 = row 0 cols 0-3, 1 = row 0 cols 6-9, 2 = row 3 cols 0-3, 3 = row 3 cols 6-9.
 
     Parameters:
         rows: row indices of the lines. Default by image size (below).
-        cols: list of ``[start, stop]`` column ranges, both ends INCLUSIVE. Default by image size.
+        cols: list of `[start, stop]` column ranges, both ends INCLUSIVE. Default by image size.
         value: fill value in [0, 1], scalar or per channel. Default 1.0.
 
     Defaults: 28x28 images (MNIST/F-MNIST): rows (0, 3), cols ((0, 3), (6, 9)) -> 1x4 lines.
     32x32 images (CIFAR-10): rows (0, 4), cols ((0, 5), (9, 14)) -> 1x6 lines.
-    Any other size needs explicit ``rows`` and ``cols``. Pieces must not overlap.
+    Any other size needs explicit `rows` and `cols`. Pieces must not overlap.
     """
 
     name = "dba"
@@ -352,13 +352,13 @@ class DBATrigger(_MaskedPatternTrigger):
 
 
 class BlendedTrigger(Trigger):
-    """Blended trigger: ``x' = (1 - alpha) * x + alpha * pattern`` on every pixel.
+    """Blended trigger: `x' = (1 - alpha) * x + alpha * pattern` on every pixel.
 
     Parameters:
         alpha: blend ratio in [0, 1]. Default 0.2.
-        pattern: ``"random"`` (uniform noise, C x H x W, from ``seed``), ``"checkerboard"``
+        pattern: `"random"` (uniform noise, C x H x W, from `seed`), `"checkerboard"`
             (1-pixel 0/1 checkerboard, all channels) or a C x H x W / H x W tensor in [0, 1].
-            Default ``"random"``.
+            Default `"random"`.
         seed: seed of the random pattern. Default 0.
     """
 
@@ -406,8 +406,8 @@ class BlendedTrigger(Trigger):
 class SinusoidalTrigger(Trigger):
     """Additive sinusoid (FLIP label attack "s", after Barni et al. 2019).
 
-    Every pixel in column j gets ``amplitude * sin(2*pi*frequency * j / (W - 1))`` added
-    (i.e. ``sin(linspace(0, 2*pi*frequency, W))``), in every row and channel, then clipped.
+    Every pixel in column j gets `amplitude * sin(2*pi*frequency * j / (W - 1))` added
+    (i.e. `sin(linspace(0, 2*pi*frequency, W))`), in every row and channel, then clipped.
 
     Parameters:
         amplitude: in [0, 1] pixel units. Default 6/255 (the paper's 6 in uint8 space).
@@ -439,7 +439,7 @@ class SinusoidalTrigger(Trigger):
 
 
 class TurnerTrigger(_MaskedPatternTrigger):
-    """Turner et al. clean-label trigger: a ``size`` x ``size`` 0/1 checkerboard in each corner.
+    """Turner et al. clean-label trigger: a `size` x `size` 0/1 checkerboard in each corner.
 
     The outermost corner pixel is 1 (white) in every corner (the pattern is mirrored per corner),
     in all channels; it equals the FLIP code's +-255 checkerboard after clipping.
@@ -529,13 +529,13 @@ TRIGGERS: dict[str, type[Trigger]] = {
 
 
 def trigger_params(name: str) -> list[str]:
-    """Names of the keyword arguments trigger ``name`` accepts."""
+    """Names of the keyword arguments trigger `name` accepts."""
     params = inspect.signature(TRIGGERS[name].__init__).parameters
     return [p for p in params if p not in ("self", "image_shape")]
 
 
 def create_trigger(name: str, image_shape: tuple[int, int, int], **kwargs: Any) -> Trigger:
-    """Build trigger ``name`` for images of shape ``(C, H, W)``.
+    """Build trigger `name` for images of shape `(C, H, W)`.
 
     Raises ValueError for an unknown name, an unknown or invalid keyword argument, or geometry
     that falls outside the image.

@@ -7,13 +7,32 @@
 - `reference`: `docs/CONFIG.md`, generated from the sections.
 """
 
-from flip_fl.config.loading import (apply_overrides, config_from_dict, from_yaml, load_config, parse_override, read_yaml,
-                                    to_yaml)
+from flip_fl.config.loading import (
+                                    apply_overrides,
+                                    config_from_dict,
+                                    from_yaml,
+                                    load_config,
+                                    parse_override,
+                                    read_yaml,
+                                    to_yaml,
+)
 from flip_fl.config.reference import config_reference_markdown
 from flip_fl.config.schema import ConfigError
-from flip_fl.config.sections import (AttackConfig, ClientConfig, ClientRolesConfig, Config, DataConfig, DefenseConfig,
-                                     FederationConfig, FlipConfig, LabelsConfig, ModelConfig, ResourcesConfig,
-                                     ServerConfig, SyntheticConfig)
+from flip_fl.config.sections import (
+                                    AttackConfig,
+                                    ClientConfig,
+                                    ClientRolesConfig,
+                                    Config,
+                                    DataConfig,
+                                    DefenseConfig,
+                                    FederationConfig,
+                                    FlipConfig,
+                                    LabelsConfig,
+                                    ModelConfig,
+                                    ResourcesConfig,
+                                    ServerConfig,
+                                    SyntheticConfig,
+)
 from flip_fl.config.validation import NUM_CLASSES, max_attackers_per_round, num_attackers, validate, validate_labels
 
 __all__ = [

@@ -26,7 +26,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: DatasetName = key("synthetic", "Dataset: synthetic (offline, built in), mnist, fashion_mnist, cifar10, cifar100.")
+    name: DatasetName = key(
+        "synthetic",
+        "Dataset: synthetic (offline, built in), mnist, fashion_mnist, cifar10, cifar100.",
+    )
     root: str = key("data", "Directory holding the torchvision dataset files (relative to the working directory).")
     download: bool = key(False, "Let torchvision download missing files into data.root (needs internet).")
     partition: Literal["iid", "dirichlet"] = key("iid", "How training data is split across clients.")
@@ -49,7 +52,10 @@ class FederationConfig:
 
 @dataclass
 class ClientRolesConfig:
-    benign: str = key("clients.BenignClient", "Dotted path of the benign client class (must subclass flip_fl.client.BaseClient).")
+    benign: str = key(
+        "clients.BenignClient",
+        "Dotted path of the benign client class (must subclass flip_fl.client.BaseClient).",
+    )
 
 
 @dataclass
@@ -66,112 +72,339 @@ class ClientConfig:
 class ServerConfig:
     lr: float = key(1.0, "Server learning rate eta: global += eta * mean(client deltas).", gt=0.0)
     weighted: bool = key(True, "Weight client deltas by their number of examples (false: plain mean).")
-    initial_model: str | None = key(None, "Path of a state_dict (.pt) to start from, e.g. a clean run's final_model.pt.")
+    initial_model: str | None = key(
+        None,
+        "Path of a state_dict (.pt) to start from, e.g. a clean run's final_model.pt.",
+    )
     eval_batch_size: int = key(512, "Batch size of server-side evaluation.", ge=1)
 
 
 @dataclass
 class AttackConfig:
-    client: str = key("clients.PoisonClient", "Dotted path of the malicious client class (must subclass flip_fl.client.BaseClient).")
+    client: str = key(
+        "clients.PoisonClient",
+        "Dotted path of the malicious client class (must subclass flip_fl.client.BaseClient).",
+    )
     num_malicious: int = key(0, "Number of malicious clients, chosen by a seeded draw (0: no attack).", ge=0)
-    malicious_ids: list[int] | None = key(None, "Explicit malicious partition ids (overrides the draw; its length must equal num_malicious or num_malicious must be 0).")
+    malicious_ids: list[int] | None = key(
+        None,
+        "Explicit malicious partition ids (overrides the draw; its length must equal num_malicious or num_malicious "
+        "must be 0).",
+    )
     target_label: int = key(2, "Label the backdoor maps triggered inputs to.", ge=0)
-    source_label: int = key(-1, "Class whose triggered images the backdoor targets (-1: every class but the target); ASR is measured on it, and the FLIP label attack poisons it.", ge=-1)
-    trigger: str = key("pixel_pattern", "Trigger name from flip_fl/triggers.py (pixel_pattern, dba, blended, sinusoidal, turner, fixed_pixels).")
+    source_label: int = key(
+        -1,
+        "Class whose triggered images the backdoor targets (-1: every class but the target); ASR is measured on it, "
+        "and the FLIP label attack poisons it.",
+        ge=-1,
+    )
+    trigger: str = key(
+        "pixel_pattern",
+        "Trigger name from flip_fl/triggers.py (pixel_pattern, dba, blended, sinusoidal, turner, fixed_pixels).",
+    )
     trigger_args: dict[str, Any] = key({}, "Keyword arguments of the trigger (see flip_fl/triggers.py).")
-    poison_fraction: float = key(0.3125, "Fraction of each malicious minibatch stamped and relabelled (20/64 as in the FLIP paper on MNIST).", gt=0.0, le=1.0)
-    mode: Literal["continuous", "single_shot"] = key("continuous", "continuous: attack in every round of the window; single_shot: only in attack.rounds.")
+    poison_fraction: float = key(
+        0.3125,
+        "Fraction of each malicious minibatch stamped and relabelled (20/64 as in the FLIP paper on MNIST).",
+        gt=0.0,
+        le=1.0,
+    )
+    mode: Literal["continuous", "single_shot"] = key(
+        "continuous",
+        "continuous: attack in every round of the window; single_shot: only in attack.rounds.",
+    )
     start_round: int = key(1, "First round in which malicious clients attack.", ge=1)
     end_round: int | None = key(None, "Last attack round (null: until the end).", ge=1)
-    rounds: list[int | list[int]] | None = key(None, "Per-attacker attack rounds: item i (a round or a list of rounds) is attacker i's schedule; null: start_round (single_shot) or the window (continuous).")
-    force_sampled: bool = key(True, "Put the attackers due to attack into the round's sample; the rest is drawn from benign clients.")
+    rounds: list[int | list[int]] | None = key(
+        None,
+        "Per-attacker attack rounds: item i (a round or a list of rounds) is attacker i's schedule; null: start_round"
+        " (single_shot) or the window (continuous).",
+    )
+    force_sampled: bool = key(
+        True,
+        "Put the attackers due to attack into the round's sample; the rest is drawn from benign clients.",
+    )
     local_epochs: int | None = key(None, "Attacker local epochs (null: client.local_epochs).", ge=1)
     lr: float | None = key(None, "Attacker SGD learning rate (null: client.lr).", gt=0.0)
     momentum: float | None = key(None, "Attacker SGD momentum (null: client.momentum).", ge=0.0, lt=1.0)
     weight_decay: float | None = key(None, "Attacker SGD weight decay (null: client.weight_decay).", ge=0.0)
-    lr_milestones: list[float] = key([], "Fractions of the attacker's epochs at which its lr is multiplied by lr_gamma (the paper: [0.2, 0.8]).")
+    lr_milestones: list[float] = key(
+        [],
+        "Fractions of the attacker's epochs at which its lr is multiplied by lr_gamma (the paper: [0.2, 0.8]).",
+    )
     lr_gamma: float = key(0.1, "Attacker lr decay factor at each milestone.", gt=0.0)
-    scale: float | Literal["auto"] = key(1.0, "Model-replacement factor gamma on the attacker's update; 'auto' = clients_per_round / server.lr (unweighted) so one update replaces the model.")
-    norm_bound: float | None = key(None, "L2 radius eps: the attacker's update is projected onto this ball (PGD, norm-bounded attack).", gt=0.0)
+    scale: float | Literal["auto"] = key(
+        1.0,
+        "Model-replacement factor gamma on the attacker's update; 'auto' = clients_per_round / server.lr (unweighted)"
+        " so one update replaces the model.",
+    )
+    norm_bound: float | None = key(
+        None,
+        "L2 radius eps: the attacker's update is projected onto this ball (PGD, norm-bounded attack).",
+        gt=0.0,
+    )
     project_every: int = key(1, "Project onto the norm ball every k optimiser steps (and always at the end).", ge=1)
 
 
 @dataclass
 class DefenseConfig:
     name: Literal["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "norm_clip", "weak_dp", "rfa",
-                  "foolsgold", "rlr", "fltrust", "flame"] = key("fedavg", "Server aggregation rule (docs/DEFENSES.md); fedavg is no defense.")
-    threshold: float = key(0.0, "Low-confidence rejection tau at evaluation: predictions with max softmax < tau are rejected.", ge=0.0, lt=1.0)
-    num_malicious: int | None = key(None, "f assumed by krum, multikrum and bulyan (and rlr's default threshold); null: the most attackers due in one round.", ge=0)
+                  "foolsgold", "rlr", "fltrust", "flame"] = key(
+        "fedavg", "Server aggregation rule (docs/DEFENSES.md); fedavg is no defense.")
+    threshold: float = key(
+        0.0,
+        "Low-confidence rejection tau at evaluation: predictions with max softmax < tau are rejected.",
+        ge=0.0,
+        lt=1.0,
+    )
+    num_malicious: int | None = key(
+        None,
+        "f assumed by krum, multikrum and bulyan (and rlr's default threshold); null: the most attackers due in one "
+        "round.",
+        ge=0,
+    )
     multikrum_select: int | None = key(None, "m, the updates multikrum averages; null: replies - f.", ge=1)
-    trim_beta: float = key(0.2, "trimmed_mean: fraction cut from each end per coordinate (Flower's default).", ge=0.0, lt=0.5)
-    clip_norm: float | None = key(None, "norm_clip and weak_dp: L2 bound on each update; null: the median update norm of the round.", gt=0.0)
-    noise_std: float = key(0.001, "weak_dp: std of the Gaussian noise that reaches the global model, per coordinate (BatchNorm statistics excluded).", ge=0.0)
-    rfa_iters: int = key(100, "rfa: maximum smoothed-Weiszfeld iterations (stops early at a relative change of 1e-6; the RFA code uses 4).", ge=1)
-    foolsgold_features: Literal["all", "output_layer"] = key("all", "foolsgold: coordinates of the history similarity (all trained parameters, or the output layer).")
+    trim_beta: float = key(
+        0.2,
+        "trimmed_mean: fraction cut from each end per coordinate (Flower's default).",
+        ge=0.0,
+        lt=0.5,
+    )
+    clip_norm: float | None = key(
+        None,
+        "norm_clip and weak_dp: L2 bound on each update; null: the median update norm of the round.",
+        gt=0.0,
+    )
+    noise_std: float = key(
+        0.001,
+        "weak_dp: std of the Gaussian noise that reaches the global model, per coordinate (BatchNorm statistics "
+        "excluded).",
+        ge=0.0,
+    )
+    rfa_iters: int = key(
+        100,
+        "rfa: maximum smoothed-Weiszfeld iterations (stops early at a relative change of 1e-6; the RFA code uses 4).",
+        ge=1,
+    )
+    foolsgold_features: Literal["all", "output_layer"] = key(
+        "all",
+        "foolsgold: coordinates of the history similarity (all trained parameters, or the output layer).",
+    )
     foolsgold_confidence: float = key(1.0, "foolsgold: confidence kappa of the logit re-weighting.", gt=0.0)
-    rlr_threshold: float | None = key(None, "rlr: sign-agreement threshold theta; null: f + 1 (see num_malicious).", ge=0.0)
-    root_size: int = key(100, "fltrust: images of the server's root dataset, a seeded draw from the test set that is then excluded from evaluation.", ge=1)
-    flame_lambda: float = key(0.001, "flame: noise level; the model gets Gaussian noise of std lambda * median update norm.", ge=0.0)
+    rlr_threshold: float | None = key(
+        None,
+        "rlr: sign-agreement threshold theta; null: f + 1 (see num_malicious).",
+        ge=0.0,
+    )
+    root_size: int = key(
+        100,
+        "fltrust: images of the server's root dataset, a seeded draw from the test set that is then excluded from "
+        "evaluation.",
+        ge=1,
+    )
+    flame_lambda: float = key(
+        0.001,
+        "flame: noise level; the model gets Gaussian noise of std lambda * median update norm.",
+        ge=0.0,
+    )
 
 
 @dataclass
 class FlipConfig:
-    """FLIP defense on benign clients (clients.FlipDefenseClient); defaults are the paper's MNIST values (docs/FLIP.md)."""
+    """FLIP defense on benign clients (clients.FlipDefenseClient).
 
-    harden: bool = key(True, "Invert triggers and harden against them; false: FlipDefenseClient trains exactly like BenignClient (the 'without hardening' ablation).")
-    warmup_steps: int = key(400, "Steps of the universal warm-up inversion (every target at once) on a client's first selection (MNIST 400, F-MNIST 600, CIFAR-10 600).", ge=0)
-    refresh_steps: int = key(0, "Steps of a universal re-inversion, warm-started from the cached universal triggers, on every later selection, so the pair ranking follows the changing global model (0: never, as in the paper).", ge=0)
-    samples_per_class: int = key(5, "Local images per class used by the warm-up inversion (the official code uses 1).", ge=1)
-    universal_batches: bool = key(True, "After a warm-up (or refresh), harden the first batches with the universal triggers found within the size cap, one target per batch, all non-target images eligible (as the official warm-up does, which has no cap).")
-    pair_steps: int = key(200, "Inversion steps on the first batch of a selected (source, target) pair (MNIST 200, F-MNIST 400, CIFAR-10 200).", ge=1)
-    repeat_steps: int = key(50, "Inversion steps on the following batches of the same pair, warm-started from its last trigger (MNIST 50, F-MNIST 100, CIFAR-10 50).", ge=1)
-    pair_every: int = key(2, "Batches per selected pair: a new pair is chosen every pair_every batches (all datasets 2).", ge=1)
-    explore: float = key(0.3, "Probability of picking a random pair instead of the most promising one (smallest known trigger; all datasets 0.3).", ge=0.0, le=1.0)
+    Defaults are the paper's MNIST values (docs/FLIP.md).
+    """
+
+    harden: bool = key(
+        True,
+        "Invert triggers and harden against them; false: FlipDefenseClient trains exactly like BenignClient (the "
+        "'without hardening' ablation).",
+    )
+    warmup_steps: int = key(
+        400,
+        "Steps of the universal warm-up inversion (every target at once) on a client's first selection (MNIST 400, "
+        "F-MNIST 600, CIFAR-10 600).",
+        ge=0,
+    )
+    refresh_steps: int = key(
+        0,
+        "Steps of a universal re-inversion, warm-started from the cached universal triggers, on every later "
+        "selection, so the pair ranking follows the changing global model (0: never, as in the paper).",
+        ge=0,
+    )
+    samples_per_class: int = key(
+        5,
+        "Local images per class used by the warm-up inversion (the official code uses 1).",
+        ge=1,
+    )
+    universal_batches: bool = key(
+        True,
+        "After a warm-up (or refresh), harden the first batches with the universal triggers found within the size "
+        "cap, one target per batch, all non-target images eligible (as the official warm-up does, which has no cap).",
+    )
+    pair_steps: int = key(
+        200,
+        "Inversion steps on the first batch of a selected (source, target) pair (MNIST 200, F-MNIST 400, CIFAR-10 "
+        "200).",
+        ge=1,
+    )
+    repeat_steps: int = key(
+        50,
+        "Inversion steps on the following batches of the same pair, warm-started from its last trigger (MNIST 50, "
+        "F-MNIST 100, CIFAR-10 50).",
+        ge=1,
+    )
+    pair_every: int = key(
+        2,
+        "Batches per selected pair: a new pair is chosen every pair_every batches (all datasets 2).",
+        ge=1,
+    )
+    explore: float = key(
+        0.3,
+        "Probability of picking a random pair instead of the most promising one (smallest known trigger; all datasets"
+        " 0.3).",
+        ge=0.0,
+        le=1.0,
+    )
     symmetric: bool = key(True, "Invert s->t and t->s together when both classes are in the batch (false: only s->t).")
-    init_cost: float = key(1e-3, "Initial weight of the mask L1 term of the inversion loss, adapted during the run (all datasets 1e-3).", ge=0.0)
-    reinit_noise: float = key(0.01, "Each time an inversion improves its best trigger it restarts from it plus uniform noise of this half-width (official 0.01; 0: no restart, converges faster on short runs).", ge=0.0)
-    success_threshold: float = key(0.9, "Fraction of stamped images classified as the target for an inverted trigger to count (MNIST and F-MNIST 0.9, CIFAR-10 0.85).", gt=0.0, le=1.0)
-    max_mask_fraction: float = key(0.125, "Inverted triggers whose mask L1 exceeds this fraction of H*W are discarded (MNIST and F-MNIST 1/8, CIFAR-10 1/4).", gt=0.0, le=1.0)
-    portion: float = key(0.5, "Fraction of the eligible images of a batch stamped with the inverted triggers, true labels kept (MNIST 0.5, F-MNIST 0.6, CIFAR-10 0.9).", gt=0.0, le=1.0)
-    lr: float = key(0.01, "Adam learning rate of hardening, re-created every round (MNIST and F-MNIST 1e-2, CIFAR-10 1e-3).", gt=0.0)
+    init_cost: float = key(
+        1e-3,
+        "Initial weight of the mask L1 term of the inversion loss, adapted during the run (all datasets 1e-3).",
+        ge=0.0,
+    )
+    reinit_noise: float = key(
+        0.01,
+        "Each time an inversion improves its best trigger it restarts from it plus uniform noise of this half-width "
+        "(official 0.01; 0: no restart, converges faster on short runs).",
+        ge=0.0,
+    )
+    success_threshold: float = key(
+        0.9,
+        "Fraction of stamped images classified as the target for an inverted trigger to count (MNIST and F-MNIST 0.9,"
+        " CIFAR-10 0.85).",
+        gt=0.0,
+        le=1.0,
+    )
+    max_mask_fraction: float = key(
+        0.125,
+        "Inverted triggers whose mask L1 exceeds this fraction of H*W are discarded (MNIST and F-MNIST 1/8, CIFAR-10 "
+        "1/4).",
+        gt=0.0,
+        le=1.0,
+    )
+    portion: float = key(
+        0.5,
+        "Fraction of the eligible images of a batch stamped with the inverted triggers, true labels kept (MNIST 0.5, "
+        "F-MNIST 0.6, CIFAR-10 0.9).",
+        gt=0.0,
+        le=1.0,
+    )
+    lr: float = key(
+        0.01,
+        "Adam learning rate of hardening, re-created every round (MNIST and F-MNIST 1e-2, CIFAR-10 1e-3).",
+        gt=0.0,
+    )
     betas: list[float] = key([0.5, 0.9], "Adam betas of hardening (all datasets [0.5, 0.9]).")
-    local_epochs: int = key(10, "Local epochs of hardening (MNIST 10, F-MNIST 5, CIFAR-10 8), cut short by max_batches.", ge=1)
-    max_batches: int | None = key(110, "Cap on the batches a FLIP client goes through per round, trained or skipped (all datasets 110; null: no cap).", ge=1)
-    batch_size: int | None = key(None, "Hardening minibatch size (null: client.batch_size; the official code uses 64 MNIST, 128 F-MNIST and CIFAR-10).", ge=1)
-    max_cached_triggers: int = key(100, "Most pair triggers a client keeps across rounds (least recently inverted dropped first); universal ones are always kept.", ge=0)
+    local_epochs: int = key(
+        10,
+        "Local epochs of hardening (MNIST 10, F-MNIST 5, CIFAR-10 8), cut short by max_batches.",
+        ge=1,
+    )
+    max_batches: int | None = key(
+        110,
+        "Cap on the batches a FLIP client goes through per round, trained or skipped (all datasets 110; null: no cap).",
+        ge=1,
+    )
+    batch_size: int | None = key(
+        None,
+        "Hardening minibatch size (null: client.batch_size; the official code uses 64 MNIST, 128 F-MNIST and "
+        "CIFAR-10).",
+        ge=1,
+    )
+    max_cached_triggers: int = key(
+        100,
+        "Most pair triggers a client keeps across rounds (least recently inverted dropped first); universal ones are "
+        "always kept.",
+        ge=0,
+    )
 
 
 @dataclass
 class LabelsConfig:
-    num_experts: int = key(1, "Expert trajectories to train (the FLIP label paper uses up to 50; 1 gives most of the effect).", ge=1)
+    num_experts: int = key(
+        1,
+        "Expert trajectories to train (the FLIP label paper uses up to 50; 1 gives most of the effect).",
+        ge=1,
+    )
     expert_epochs: int = key(20, "Epochs of each expert.", ge=1)
     expert_lr: float = key(0.1, "Expert SGD learning rate (Nesterov momentum 0.9).", gt=0.0)
     expert_weight_decay: float = key(2e-4, "Expert SGD weight decay.", ge=0.0)
     batch_size: int = key(256, "Minibatch size of experts, label matching and user models.", ge=1)
     checkpoint_every: int = key(50, "Save expert model and optimizer state every k minibatches.", ge=1)
-    poison_copies: int | None = key(None, "Triggered source-class copies added to the expert's data (null: dataset size / classes).", ge=0)
+    poison_copies: int | None = key(
+        None,
+        "Triggered source-class copies added to the expert's data (null: dataset size / classes).",
+        ge=0,
+    )
     augment: bool = key(True, "Random crop (pad 4) and horizontal flip in expert, matching and user training.")
-    trajectory_fraction: list[float] = key([0.0, 1.0], "Part [lo, hi] of each expert trajectory (fractions of its steps) used for matching.")
-    label_runs: int = key(1, "Independent label optimisations aggregated (worst-case margin) when selecting flips.", ge=1)
+    trajectory_fraction: list[float] = key(
+        [0.0, 1.0],
+        "Part [lo, hi] of each expert trajectory (fractions of its steps) used for matching.",
+    )
+    label_runs: int = key(
+        1,
+        "Independent label optimisations aggregated (worst-case margin) when selecting flips.",
+        ge=1,
+    )
     passes: int = key(15, "Passes over the data in trajectory matching (the paper: 25; official code 15).", ge=1)
     label_lr: float = key(150.0, "SGD learning rate of the label logits.", gt=0.0)
     label_momentum: float = key(0.5, "SGD momentum of the label logits.", ge=0.0, lt=1.0)
-    budgets: list[int | float] = key([150, 300, 500, 1000, 1500], "Flip budgets: counts (int) or fractions of the training set (float in (0, 1)).")
+    budgets: list[int | float] = key(
+        [150, 300, 500, 1000, 1500],
+        "Flip budgets: counts (int) or fractions of the training set (float in (0, 1)).",
+    )
     random_baseline: bool = key(True, "Also train user models on the same number of random flips to the target.")
-    matched_baseline: bool = key(True, "Also train user models on random flips with the FLIP flips' class make-up (per class, as many random images, given the same labels): what the choice of images adds.")
+    matched_baseline: bool = key(
+        True,
+        "Also train user models on random flips with the FLIP flips' class make-up (per class, as many random images,"
+        " given the same labels): what the choice of images adds.",
+    )
     user_epochs: int = key(200, "Epochs of each user model.", ge=1)
-    user_lr: float = key(0.1, "User-model SGD learning rate (Nesterov momentum 0.9, lr x0.1 at 3/8 and 5/8 of training).", gt=0.0)
-    soft: bool = key(False, "Train user models on soft labels softmax(alpha*onehot + (1-alpha)*logits) (distillation) instead of hard flips.")
+    user_lr: float = key(
+        0.1,
+        "User-model SGD learning rate (Nesterov momentum 0.9, lr x0.1 at 3/8 and 5/8 of training).",
+        gt=0.0,
+    )
+    soft: bool = key(
+        False,
+        "Train user models on soft labels softmax(alpha*onehot + (1-alpha)*logits) (distillation) instead of hard "
+        "flips.",
+    )
     alpha: float = key(0.5, "Soft-label mixing alpha (labels.soft only).", ge=0.0, le=1.0)
-    label_file: str | None = key(None, "clients.FlipLabelClient: .npy of labels for the whole training set (by sample id) from a pipeline run; null: each attacker computes its own.")
-    client_budget: int | float = key(0.1, "clients.FlipLabelClient computing its own labels: flips as a count or a fraction of its local data.")
+    label_file: str | None = key(
+        None,
+        "clients.FlipLabelClient: .npy of labels for the whole training set (by sample id) from a pipeline run; null:"
+        " each attacker computes its own.",
+    )
+    client_budget: int | float = key(
+        0.1,
+        "clients.FlipLabelClient computing its own labels: flips as a count or a fraction of its local data.",
+    )
 
 
 @dataclass
 class ResourcesConfig:
     num_cpus: float = key(1.0, "CPUs per client actor.", gt=0.0)
-    num_gpus: float = key(0.0, "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.", ge=0.0)
-    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); --ray-address overrides.")
+    num_gpus: float = key(
+        0.0,
+        "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.",
+        ge=0.0,
+    )
+    ray_address: str | None = key(
+        None,
+        "Address of an existing Ray cluster (null: start a local one); --ray-address overrides.",
+    )
     round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
 
 
@@ -186,6 +419,13 @@ class Config:
     server: ServerConfig = section(ServerConfig, "Aggregation and evaluation on the server.")
     attack: AttackConfig = section(AttackConfig, "Malicious clients and their backdoor.")
     defense: DefenseConfig = section(DefenseConfig, "Defenses.")
-    flip: FlipConfig = section(FlipConfig, "FLIP trigger inversion and hardening on benign clients (clients.FlipDefenseClient).")
-    labels: LabelsConfig = section(LabelsConfig, "FLIP label-only attack: experts, trajectory matching, flips, user models (sim.py labels) and clients.FlipLabelClient.")
+    flip: FlipConfig = section(
+        FlipConfig,
+        "FLIP trigger inversion and hardening on benign clients (clients.FlipDefenseClient).",
+    )
+    labels: LabelsConfig = section(
+        LabelsConfig,
+        "FLIP label-only attack: experts, trajectory matching, flips, user models (sim.py labels) and "
+        "clients.FlipLabelClient.",
+    )
     resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and the watchdog.")

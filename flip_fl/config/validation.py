@@ -81,9 +81,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"defense.num_malicious: bulyan needs federation.clients_per_round >= 4f + 3 = {4 * f + 3} "
                           f"for f = {f}; lower f or sample more clients")
     if defense.multikrum_select is not None and defense.multikrum_select > n:
-        raise ConfigError(f"defense.multikrum_select: {defense.multikrum_select} exceeds federation.clients_per_round ({n})")
+        raise ConfigError(f"defense.multikrum_select: {defense.multikrum_select} exceeds "
+                          f"federation.clients_per_round ({n})")
     if defense.rlr_threshold is not None and defense.rlr_threshold > n:
-        raise ConfigError(f"defense.rlr_threshold: {defense.rlr_threshold:g} exceeds federation.clients_per_round ({n})")
+        raise ConfigError(f"defense.rlr_threshold: {defense.rlr_threshold:g} exceeds "
+                          f"federation.clients_per_round ({n})")
     if defense.name == "fltrust" and cfg.data.name == "synthetic" and defense.root_size >= cfg.data.synthetic.test_size:
         raise ConfigError(f"defense.root_size: {defense.root_size} root images cannot be held out of "
                           f"data.synthetic.test_size = {cfg.data.synthetic.test_size}")

@@ -6,15 +6,22 @@ from typing import Any
 
 import numpy as np
 
-from flip_fl.defenses.common import AggregationOutcome, as_updates, client_weights, coordinate_mask, gaussian_noise, row_norms
+from flip_fl.defenses.common import (
+    AggregationOutcome,
+    as_updates,
+    client_weights,
+    coordinate_mask,
+    gaussian_noise,
+    row_norms,
+)
 
 
 def norm_clip(U: Any, max_norm: float, weights: Any = None) -> AggregationOutcome:
     """Norm clipping (Sun et al., 2019, "Can you really backdoor federated learning?").
 
-    Each update is scaled by ``min(1, max_norm / ||u_i||)`` and the clipped updates are
-    averaged with ``weights`` (default uniform).  arrays: ``"scale"`` (clip factors),
-    ``"norms"`` (norms before clipping).  info: ``max_norm``, ``num_clipped``.
+    Each update is scaled by `min(1, max_norm / ||u_i||)` and the clipped updates are
+    averaged with `weights` (default uniform).  arrays: `"scale"` (clip factors),
+    `"norms"` (norms before clipping).  info: `max_norm`, `num_clipped`.
     """
     U = as_updates(U)
     n = U.shape[0]
@@ -43,14 +50,14 @@ def weak_dp(
 ) -> AggregationOutcome:
     """Weak differential privacy (Sun et al., 2019): norm clipping + Gaussian noise.
 
-    ``delta = norm_clip(U, max_norm, weights).delta + N(0, noise_std^2 I)``.  The noise is
+    `delta = norm_clip(U, max_norm, weights).delta + N(0, noise_std^2 I)`.  The noise is
     added ONCE to the aggregate, per coordinate, with standard deviation exactly
-    ``noise_std`` (not multiplied by ``max_norm`` and not divided by n).  Since the server
-    applies ``global += server_lr * delta``, the noise that reaches the model has std
-    ``server_lr * noise_std``; Sun et al. add N(0, sigma^2) to the model itself, so use
-    ``noise_std = sigma / server_lr`` to reproduce them.  ``noise_mask`` (bool (d,), default
+    `noise_std` (not multiplied by `max_norm` and not divided by n).  Since the server
+    applies `global += server_lr * delta`, the noise that reaches the model has std
+    `server_lr * noise_std`; Sun et al. add N(0, sigma^2) to the model itself, so use
+    `noise_std = sigma / server_lr` to reproduce them.  `noise_mask` (bool (d,), default
     all True) restricts the noise to some coordinates (e.g. exclude BatchNorm statistics,
-    where noise can make running_var negative).  info adds ``noise_std``.
+    where noise can make running_var negative).  info adds `noise_std`.
     """
     base = norm_clip(U, max_norm, weights)
     s = float(noise_std)

@@ -1,31 +1,31 @@
 """What every aggregation rule shares: the outcome type, input checks and matrix helpers.
 
-Every rule takes the clients' UPDATES (``delta_i = local_i - global``) stacked as a
-float matrix ``U`` of shape ``(n_clients, d)`` and returns an
-:class:`AggregationOutcome`.  The caller applies ``global += server_lr * outcome.delta``.
+Every rule takes the clients' UPDATES (`delta_i = local_i - global`) stacked as a
+float matrix `U` of shape `(n_clients, d)` and returns an
+`AggregationOutcome`.  The caller applies `global += server_lr * outcome.delta`.
 
-Conventions shared by all rules
--------------------------------
-* ``outcome.delta``   (d,) float64: the aggregate update (noise included where a rule adds
+Conventions shared by all rules:
+
+* `outcome.delta`   (d,) float64: the aggregate update (noise included where a rule adds
   noise).
-* ``outcome.weights`` (n,) float64: the coefficient each client received in the result.
-  For rules that average (possibly rescaled) updates, ``weights`` are the averaging
+* `outcome.weights` (n,) float64: the coefficient each client received in the result.
+  For rules that average (possibly rescaled) updates, `weights` are the averaging
   coefficients: they sum to 1 over the accepted clients (or are all 0 when nothing is
   accepted) and excluded clients get 0, so that
-  ``delta == sum_i weights[i] * arrays["scale"][i] * U[i]`` (+ noise).
-  For coordinate-wise rules (median, trimmed mean, Bulyan's second stage) ``weights[i]`` is
+  `delta == sum_i weights[i] * arrays["scale"][i] * U[i]` (+ noise).
+  For coordinate-wise rules (median, trimmed mean, Bulyan's second stage) `weights[i]` is
   client i's coefficient averaged over the d coordinates (e.g. the fraction of coordinates
   where it was the median); they still sum to 1 and a client that is always trimmed gets 0.
-  Geometric median reports the final Weiszfeld weights (``delta == weights @ U``).
+  Geometric median reports the final Weiszfeld weights (`delta == weights @ U`).
   RLR reports the plain averaging weights (its sign flip is per coordinate).
-* ``outcome.kept``    (n,) bool: True if the client was accepted by a client-level
+* `outcome.kept`    (n,) bool: True if the client was accepted by a client-level
   decision.  Coordinate-wise rules (median, trimmed mean, geometric median, RLR) never
-  reject a client as a whole, so they report all True; look at ``weights`` instead.
-* ``outcome.info``    dict of JSON-friendly scalars (int / float / bool / None).
-* ``outcome.arrays``  dict of per-client (or other) numpy arrays, documented per rule
-  (e.g. ``"scores"``, ``"scale"``, ``"history"``, ``"labels"``).
+  reject a client as a whole, so they report all True; look at `weights` instead.
+* `outcome.info`    dict of JSON-friendly scalars (int / float / bool / None).
+* `outcome.arrays`  dict of per-client (or other) numpy arrays, documented per rule
+  (e.g. `"scores"`, `"scale"`, `"history"`, `"labels"`).
 
-Invalid arguments raise ``ValueError`` naming the parameter and the allowed range.
+Invalid arguments raise `ValueError` naming the parameter and the allowed range.
 """
 
 from __future__ import annotations

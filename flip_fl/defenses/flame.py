@@ -6,7 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from flip_fl.defenses.common import AggregationOutcome, as_updates, coordinate_mask, cosine_similarity, gaussian_noise, row_norms
+from flip_fl.defenses.common import (
+    AggregationOutcome,
+    as_updates,
+    coordinate_mask,
+    cosine_similarity,
+    gaussian_noise,
+    row_norms,
+)
 
 
 def flame(
@@ -21,29 +28,29 @@ def flame(
 ) -> AggregationOutcome:
     """FLAME (Nguyen et al., USENIX Security 2022).
 
-    1. Cosine distances ``1 - cos`` between the rows of ``U[:, clustering_mask]`` (pass a
+    1. Cosine distances `1 - cos` between the rows of `U[:, clustering_mask]` (pass a
        mask that excludes BatchNorm statistics; None = all coordinates).  If
-       ``global_params`` (d,) is given the distances are computed on the local models
-       ``global_params + U`` instead (FLAME's Algorithm 1 clusters models W_i; most
+       `global_params` (d,) is given the distances are computed on the local models
+       `global_params + U` instead (FLAME's Algorithm 1 clusters models W_i; most
        re-implementations cluster updates, the default here).
-    2. ``sklearn.cluster.HDBSCAN(metric="precomputed", min_cluster_size=n//2 + 1,
-       min_samples=min_samples + 1, allow_single_cluster=True)``.  ``min_samples`` uses the
-       convention of the FLAME paper / ``hdbscan`` library (neighbours NOT counting the point
+    2. `sklearn.cluster.HDBSCAN(metric="precomputed", min_cluster_size=n//2 + 1,
+       min_samples=min_samples + 1, allow_single_cluster=True)`.  `min_samples` uses the
+       convention of the FLAME paper / `hdbscan` library (neighbours NOT counting the point
        itself); scikit-learn counts the point itself, hence the +1 (see the sklearn HDBSCAN
-       notes).  ``allow_single_cluster`` is required: with ``min_cluster_size > n/2`` at most
+       notes).  `allow_single_cluster` is required: with `min_cluster_size > n/2` at most
        one cluster can exist.  The largest cluster is kept; noise points (label -1) are
        rejected.  If everything is labelled noise (or n == 1), all clients are kept
-       (``info["all_noise"] = True``), as in common FLAME re-implementations.
-    3. ``S_t`` = median L2 norm of ALL n updates (full vectors); kept updates are scaled by
-       ``min(1, S_t / ||u_i||)`` and averaged (unweighted).
-    4. Gaussian noise with std ``noise_lambda * S_t`` per coordinate (``noise_mask`` bool (d,)
+       (`info["all_noise"] = True`), as in common FLAME re-implementations.
+    3. `S_t` = median L2 norm of ALL n updates (full vectors); kept updates are scaled by
+       `min(1, S_t / ||u_i||)` and averaged (unweighted).
+    4. Gaussian noise with std `noise_lambda * S_t` per coordinate (`noise_mask` bool (d,)
        restricts it, e.g. to non-BatchNorm entries).  lambda = 0.001 for image
        classification in the paper.  FLAME adds the noise to the model; here it is in the
-       delta, so the model sees ``server_lr * noise`` (divide lambda by server_lr to match).
+       delta, so the model sees `server_lr * noise` (divide lambda by server_lr to match).
 
-    ``weights`` = 1/|kept| on kept clients.  arrays: ``"labels"`` HDBSCAN labels,
-    ``"scale"`` clip factors, ``"norms"``.  info: ``cluster_size``, ``num_clusters``,
-    ``clip_norm`` (S_t), ``noise_std``, ``all_noise``, ``num_clipped``.
+    `weights` = 1/|kept| on kept clients.  arrays: `"labels"` HDBSCAN labels,
+    `"scale"` clip factors, `"norms"`.  info: `cluster_size`, `num_clusters`,
+    `clip_norm` (S_t), `noise_std`, `all_noise`, `num_clipped`.
     """
     U = as_updates(U)
     n, d = U.shape

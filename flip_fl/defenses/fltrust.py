@@ -18,12 +18,12 @@ from flip_fl.defenses.common import AggregationOutcome, as_updates, row_norms
 def fltrust(U: Any, server_update: Any) -> AggregationOutcome:
     """FLTrust (Cao, Fang, Liu & Gong, NDSS 2021).
 
-    ``g0`` = the server's update on its root dataset.  Trust score
-    ``TS_i = ReLU(cos(u_i, g0))`` (0 for a zero update), each update is rescaled to
-    ``||g0||`` and ``delta = sum TS_i * (||g0|| / ||u_i||) u_i / sum TS_i``; all-zero trust
-    gives a zero delta.  ``weights`` = ``TS / sum TS``; ``kept = TS > 0``.
-    arrays: ``"scores"`` trust scores, ``"scale"`` = ``||g0|| / ||u_i||`` (0 for zero updates).
-    info: ``server_update_norm``, ``num_kept``.
+    `g0` = the server's update on its root dataset.  Trust score
+    `TS_i = ReLU(cos(u_i, g0))` (0 for a zero update), each update is rescaled to
+    `||g0||` and `delta = sum TS_i * (||g0|| / ||u_i||) u_i / sum TS_i`; all-zero trust
+    gives a zero delta.  `weights` = `TS / sum TS`; `kept = TS > 0`.
+    arrays: `"scores"` trust scores, `"scale"` = `||g0|| / ||u_i||` (0 for zero updates).
+    info: `server_update_norm`, `num_kept`.
     """
     U = as_updates(U)
     n, d = U.shape

@@ -19,25 +19,25 @@ def foolsgold(
 ) -> AggregationOutcome:
     """FoolsGold (Fung, Yoon & Beschastnikh, RAID 2020).
 
-    ``history`` (n, h) holds each client's accumulated past updates, row-aligned with ``U``
-    (zeros / None for clients never seen); ``h = d`` or, with ``similarity_mask`` (bool (d,),
-    e.g. only the output layer), ``h = mask.sum()``.  This call adds the current updates:
-    ``new_history = history + U[:, mask]``, returned as ``arrays["history"]``; the caller
+    `history` (n, h) holds each client's accumulated past updates, row-aligned with `U`
+    (zeros / None for clients never seen); `h = d` or, with `similarity_mask` (bool (d,),
+    e.g. only the output layer), `h = mask.sum()`.  This call adds the current updates:
+    `new_history = history + U[:, mask]`, returned as `arrays["history"]`; the caller
     stores each row back under the client's partition id.
 
     Weights follow the reference implementation: cosine similarity of the histories
-    (self excluded), pardoning (``cs_ij *= maxcs_i / maxcs_j`` when ``maxcs_i < maxcs_j``, with
-    ``epsilon`` added to maxcs), ``wv = clip(1 - max_j cs_ij, 0, 1)``, rescale by max, set 1 ->
-    0.99, logit ``confidence * (ln(wv / (1 - wv)) + 0.5)`` for wv > 0, clip to [0, 1].
-    Identical sybils get 0 (values of ``1 - max cs`` below 1e-12 are treated as 0, which
+    (self excluded), pardoning (`cs_ij *= maxcs_i / maxcs_j` when `maxcs_i < maxcs_j`, with
+    `epsilon` added to maxcs), `wv = clip(1 - max_j cs_ij, 0, 1)`, rescale by max, set 1 ->
+    0.99, logit `confidence * (ln(wv / (1 - wv)) + 0.5)` for wv > 0, clip to [0, 1].
+    Identical sybils get 0 (values of `1 - max cs` below 1e-12 are treated as 0, which
     removes rounding noise).  If every score is 0 (all clients identical) the delta is 0
     (the reference code returns NaN there).
 
-    Aggregate: ``normalize=True`` -> ``sum wv_i u_i / sum wv_i`` (scale comparable to the
-    mean); ``normalize=False`` -> ``sum wv_i u_i / n`` (the "1/n" variant used by several
+    Aggregate: `normalize=True` -> `sum wv_i u_i / sum wv_i` (scale comparable to the
+    mean); `normalize=False` -> `sum wv_i u_i / n` (the "1/n" variant used by several
     backdoor benchmarks; the original FedSGD code returns the un-normalised sum).
-    ``outcome.weights`` are the coefficients actually applied; ``arrays["scores"]`` the raw
-    FoolsGold weights in [0, 1].  ``kept = scores > 0``.
+    `outcome.weights` are the coefficients actually applied; `arrays["scores"]` the raw
+    FoolsGold weights in [0, 1].  `kept = scores > 0`.
     """
     U = as_updates(U)
     n, d = U.shape

@@ -10,7 +10,7 @@ from flip_fl.defenses.common import AggregationOutcome, as_updates, client_weigh
 
 
 def krum_scores(sq_dists: np.ndarray, num_neighbors: int) -> np.ndarray:
-    """Sum of the ``num_neighbors`` smallest squared distances to OTHER rows."""
+    """Sum of the `num_neighbors` smallest squared distances to OTHER rows."""
     n = sq_dists.shape[0]
     scores = np.empty(n)
     for i in range(n):
@@ -24,19 +24,19 @@ def krum(
 ) -> AggregationOutcome:
     """Krum / Multi-Krum (Blanchard et al., NeurIPS 2017).
 
-    Score of client i = sum of squared L2 distances to its ``n - f - 2`` nearest other
-    updates (``f = num_malicious``); requires ``n > 2f + 2``.  Krum (``multi_k == 1``)
-    returns the single lowest-score update; Multi-Krum (``multi_k > 1``) averages the
-    ``multi_k`` lowest-score updates (ties broken by client index).  The paper's Multi-Krum
-    average is unweighted (default); pass ``weights`` (num examples) to weight the selected
-    updates like Flower's ``MultiKrum`` does.
+    Score of client i = sum of squared L2 distances to its `n - f - 2` nearest other
+    updates (`f = num_malicious`); requires `n > 2f + 2`.  Krum (`multi_k == 1`)
+    returns the single lowest-score update; Multi-Krum (`multi_k > 1`) averages the
+    `multi_k` lowest-score updates (ties broken by client index).  The paper's Multi-Krum
+    average is unweighted (default); pass `weights` (num examples) to weight the selected
+    updates like Flower's `MultiKrum` does.
 
-    ``strict=False`` relaxes the requirement to ``n >= f + 3`` (at least one neighbour), for
+    `strict=False` relaxes the requirement to `n >= f + 3` (at least one neighbour), for
     reproducing papers that ran Krum beyond its guarantee (e.g. 4 attackers among 10
     sampled clients); Flower's Krum does not check at all.
 
-    arrays: ``"scores"`` (n,) Krum scores, ``"scale"`` ones.
-    info: ``num_selected``, ``num_neighbors``, ``num_malicious``.
+    arrays: `"scores"` (n,) Krum scores, `"scale"` ones.
+    info: `num_selected`, `num_neighbors`, `num_malicious`.
     """
     U = as_updates(U)
     n = U.shape[0]

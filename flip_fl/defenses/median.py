@@ -10,11 +10,11 @@ from flip_fl.defenses.common import AggregationOutcome, as_updates, column_chunk
 
 
 def coordinate_median(U: Any) -> AggregationOutcome:
-    """Coordinate-wise median (Yin et al., ICML 2018); same as ``np.median(U, axis=0)``.
+    """Coordinate-wise median (Yin et al., ICML 2018); same as `np.median(U, axis=0)`.
 
-    For even n the two middle values are averaged.  ``weights[i]`` = client i's median
+    For even n the two middle values are averaged.  `weights[i]` = client i's median
     coefficient (1 for odd n, 1/2 for each middle value for even n) averaged over
-    coordinates; ties in value are attributed by client index.  ``kept`` is all True.
+    coordinates; ties in value are attributed by client index.  `kept` is all True.
     """
     U = as_updates(U)
     n, d = U.shape

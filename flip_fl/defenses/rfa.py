@@ -18,17 +18,17 @@ def geometric_median(
 ) -> AggregationOutcome:
     """Geometric median by smoothed Weiszfeld: RFA (Pillutla, Kakade & Harchaoui, IEEE TSP 2022).
 
-    Minimises ``sum_i a_i * max(eps, ||z - u_i||)`` approximately: start at the weighted
-    mean, then repeat ``b_i = a_i / max(eps, ||z - u_i||)``, ``z = sum b_i u_i / sum b_i``
-    for at most ``iters`` iterations, stopping early when the objective
-    ``sum_i a_i ||z - u_i||`` changes by at most ``tol`` relative to its value.
-    ``a`` = ``weights`` (num examples; default uniform).  The official RFA code uses 5
-    "communication passes" (= ``iters=4``, no early stop: ``tol=0``) and smoothing 1e-6;
+    Minimises `sum_i a_i * max(eps, ||z - u_i||)` approximately: start at the weighted
+    mean, then repeat `b_i = a_i / max(eps, ||z - u_i||)`, `z = sum b_i u_i / sum b_i`
+    for at most `iters` iterations, stopping early when the objective
+    `sum_i a_i ||z - u_i||` changes by at most `tol` relative to its value.
+    `a` = `weights` (num examples; default uniform).  The official RFA code uses 5
+    "communication passes" (= `iters=4`, no early stop: `tol=0`) and smoothing 1e-6;
     the default here runs to convergence.
 
-    ``weights`` in the outcome are the final normalised Weiszfeld coefficients b, so
-    ``delta == weights @ U``.  ``kept`` all True.  info: ``iterations``, ``objective``,
-    ``converged``.
+    `weights` in the outcome are the final normalised Weiszfeld coefficients b, so
+    `delta == weights @ U`.  `kept` all True.  info: `iterations`, `objective`,
+    `converged`.
     """
     U = as_updates(U)
     n = U.shape[0]
@@ -48,8 +48,9 @@ def geometric_median(
     dist = dists(z)
     obj = float(a @ dist)
     converged = False
-    it = 0
-    for it in range(1, int(iters) + 1):
+    iterations = 0
+    for _ in range(int(iters)):
+        iterations += 1
         b = a / np.maximum(eps, dist)
         b = b / b.sum()
         z = b @ U
@@ -64,6 +65,6 @@ def geometric_median(
         delta=z,
         weights=b,
         kept=np.ones(n, dtype=bool),
-        info={"iterations": it, "objective": obj, "converged": converged},
+        info={"iterations": iterations, "objective": obj, "converged": converged},
         arrays={"scale": np.ones(n)},
     )

@@ -18,19 +18,19 @@ def robust_lr(
 ) -> AggregationOutcome:
     """Robust learning rate, RLR (Ozdayi, Kantarcioglu & Gel, AAAI 2021).
 
-    ``agree_j = |sum_i sign(u_ij)|`` (unweighted, sign(0) = 0).  Per coordinate the learning
-    rate is ``-server_lr`` if ``agree_j < threshold`` else ``+server_lr``, and
-    ``delta = lr ⊙ mean_w(U)`` with ``mean_w`` the ``weights``-weighted mean (the authors
-    weight by data size).  So with the default ``server_lr=1`` the result is the mean with
-    the disputed coordinates sign-flipped, and the server's own ``server_lr`` then scales it
-    exactly as in the paper (``global += eta * lr_sign ⊙ mean``).  Do not pass the server
-    lr here AND apply it again in the server.  ``mask`` (bool (d,)) restricts RLR to some
-    coordinates (e.g. exclude BatchNorm statistics); others use ``+server_lr``.
-    ``threshold`` must be in [0, n]; 0 disables flipping.
+    `agree_j = |sum_i sign(u_ij)|` (unweighted, sign(0) = 0).  Per coordinate the learning
+    rate is `-server_lr` if `agree_j < threshold` else `+server_lr`, and
+    `delta = lr ⊙ mean_w(U)` with `mean_w` the `weights`-weighted mean (the authors
+    weight by data size).  So with the default `server_lr=1` the result is the mean with
+    the disputed coordinates sign-flipped, and the server's own `server_lr` then scales it
+    exactly as in the paper (`global += eta * lr_sign ⊙ mean`).  Do not pass the server
+    lr here AND apply it again in the server.  `mask` (bool (d,)) restricts RLR to some
+    coordinates (e.g. exclude BatchNorm statistics); others use `+server_lr`.
+    `threshold` must be in [0, n]; 0 disables flipping.
 
-    ``weights`` in the outcome = averaging weights; ``kept`` all True.
-    arrays: ``"lr"`` (d,) per-coordinate learning rate.  info: ``num_flipped``,
-    ``fraction_flipped`` (over the masked coordinates), ``threshold``.
+    `weights` in the outcome = averaging weights; `kept` all True.
+    arrays: `"lr"` (d,) per-coordinate learning rate.  info: `num_flipped`,
+    `fraction_flipped` (over the masked coordinates), `threshold`.
     """
     U = as_updates(U)
     n, d = U.shape

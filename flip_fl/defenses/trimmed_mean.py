@@ -12,10 +12,10 @@ from flip_fl.defenses.common import AggregationOutcome, as_updates, column_chunk
 def trimmed_mean(U: Any, beta: float) -> AggregationOutcome:
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018).
 
-    Per coordinate, drop the ``k = floor(beta * n)`` smallest and ``k`` largest values and
-    average the rest (same rule as ``scipy.stats.trim_mean`` and Flower's FedTrimmedAvg).
-    ``beta`` must be in ``[0, 0.5)``.  ``weights[i]`` = fraction of coordinates where client
-    i survived, divided by ``n - 2k``.  ``kept`` is all True.  info: ``num_trimmed_per_side``.
+    Per coordinate, drop the `k = floor(beta * n)` smallest and `k` largest values and
+    average the rest (same rule as `scipy.stats.trim_mean` and Flower's FedTrimmedAvg).
+    `beta` must be in `[0, 0.5)`.  `weights[i]` = fraction of coordinates where client
+    i survived, divided by `n - 2k`.  `kept` is all True.  info: `num_trimmed_per_side`.
     """
     U = as_updates(U)
     n, d = U.shape

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-#: state_dict entry suffixes that hold BatchNorm statistics rather than trained weights.
+# state_dict entry suffixes that hold BatchNorm statistics rather than trained weights.
 BN_STATISTIC_SUFFIXES: tuple[str, ...] = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def apply_server_lr(global_state: dict[str, np.ndarray], aggregate: dict[str, np.ndarray],
                     server_lr: float) -> dict[str, np.ndarray]:
-    """global + eta * (aggregate - global), cast back to each entry's dtype (integers rounded)."""
+    """Global + eta * (aggregate - global), cast back to each entry's dtype (integers rounded)."""
     out = {}
     for k, g in global_state.items():
         new = g.astype(np.float64) + server_lr * (aggregate[k].astype(np.float64) - g.astype(np.float64))
@@ -29,9 +29,11 @@ def apply_server_lr(global_state: dict[str, np.ndarray], aggregate: dict[str, np
 
 
 def flatten_state(states: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> np.ndarray:
-    """Stack state dicts into a float64 matrix (n, d): entries ``keys`` (default: the first
-    state's key order) raveled and concatenated in that order.  Values may be numpy arrays
-    or CPU tensors (anything ``np.asarray`` accepts)."""
+    """Stack state dicts into a float64 matrix (n, d).
+
+    Entries `keys` (default: the first state's key order) are raveled and concatenated in that order.  Values
+    may be numpy arrays or CPU tensors (anything `np.asarray` accepts).
+    """
     if len(states) == 0:
         raise ValueError("states must contain at least one state dict")
     ks = list(states[0].keys()) if keys is None else list(keys)
@@ -43,9 +45,11 @@ def flatten_state(states: Sequence[Mapping[str, Any]], keys: Sequence[str] | Non
 
 
 def unflatten(vec: Any, template: Mapping[str, Any], keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Inverse of :func:`flatten_state` for one row: split ``vec`` into arrays shaped and typed
-    like ``template[k]`` for ``k`` in ``keys`` (default: template order).  Integer / bool
-    entries (e.g. ``num_batches_tracked``) are rounded before the cast."""
+    """Inverse of `flatten_state` for one row.
+
+    Splits `vec` into arrays shaped and typed like `template[k]` for `k` in `keys` (default: template order).
+    Integer / bool entries (e.g. `num_batches_tracked`) are rounded before the cast.
+    """
     v = np.asarray(vec, dtype=np.float64).reshape(-1)
     ks = list(template.keys()) if keys is None else list(keys)
     out: dict[str, np.ndarray] = {}
@@ -66,9 +70,11 @@ def unflatten(vec: Any, template: Mapping[str, Any], keys: Sequence[str] | None 
 
 
 def bn_statistic_mask(template: Mapping[str, Any], keys: Sequence[str] | None = None) -> np.ndarray:
-    """Boolean (d,) mask, aligned with :func:`flatten_state`, that is True on BatchNorm
-    statistics (entries whose name ends with running_mean / running_var /
-    num_batches_tracked).  Use ``~mask`` for FLAME's clustering or as a noise mask."""
+    """Boolean (d,) mask, aligned with `flatten_state`, that is True on BatchNorm statistics.
+
+    BatchNorm statistics are the entries whose name ends with running_mean / running_var /
+    num_batches_tracked).  Use `~mask` for FLAME's clustering or as a noise mask.
+    """
     ks = list(template.keys()) if keys is None else list(keys)
     parts = []
     for k in ks:

@@ -11,10 +11,10 @@ def detection_scores(kept: Any, malicious: Any) -> dict[str, Any]:
     """Precision / recall / F1 of REJECTION (positive = rejected client).
 
     TP = rejected malicious, FP = rejected benign, FN = kept malicious, TN = kept benign.
-    Undefined ratios (0/0) are ``None`` (never NaN), specifically:
+    Undefined ratios (0/0) are `None` (never NaN), specifically:
     precision is None when nothing was rejected; recall is None when there is no malicious
     client; F1 is None when precision or recall is None, and 0 when both are 0.
-    Also returns the counts and ``rejection_rate`` (rejected / n), ``false_positive_rate``
+    Also returns the counts and `rejection_rate` (rejected / n), `false_positive_rate`
     (FP / benign, None without benign clients).  To summarise many rounds, sum the counts
     and recompute the ratios rather than averaging per-round ratios.
     """

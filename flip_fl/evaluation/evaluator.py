@@ -1,5 +1,8 @@
-"""Server-side evaluation of the global model: clean accuracy and loss, attack success rate,
-thresholded (low-confidence rejection) variants, and per-piece ASR for distributed triggers."""
+"""Server-side evaluation of the global model.
+
+Clean accuracy and loss, attack success rate, thresholded (low-confidence rejection) variants, and
+per-piece ASR for distributed triggers.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ class GlobalEvaluator:
         out["asr_no_trigger"] = backdoor_metrics(probs[self.victim_ids], self.target, 0.0)["asr"]
         if self.trigger.num_pieces > 1:
             for piece in range(self.trigger.num_pieces):
-                out[f"asr_piece{piece}"] = backdoor_metrics(self._triggered_probs(model, piece), self.target, 0.0)["asr"]
+                probs_piece = self._triggered_probs(model, piece)
+                out[f"asr_piece{piece}"] = backdoor_metrics(probs_piece, self.target, 0.0)["asr"]
         return out
 
     def sweep(self, model: nn.Module, thresholds: list[float]) -> list[dict[str, float | None]]:

@@ -1,5 +1,6 @@
-"""The flip-fl command line (installed as `flip-fl`; `python sim.py` wraps it): run a simulation, a sweep,
-the FLIP label-attack pipeline, or print the config reference.
+"""The flip-fl command line, installed as `flip-fl` (`python sim.py` wraps it).
+
+Run a simulation, a sweep, the FLIP label-attack pipeline, or print the config reference:
 
     python sim.py --config FILE [--set key.path=value ...] [--output-dir DIR] [--ray-address ADDR]
     python sim.py config-docs
@@ -44,7 +45,8 @@ def _parser(prog: str, description: str, *, config: str, output_dir: str,
 
 
 def run_command(argv: list[str]) -> int:
-    parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.", config="YAML config file (see docs/CONFIG.md)",
+    parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.",
+                     config="YAML config file (see docs/CONFIG.md)",
                      output_dir="where results go (default runs/<config-name>-<timestamp>)")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
     args = parser.parse_args(argv)
@@ -80,7 +82,8 @@ def sweep_command(argv: list[str]) -> int:
     parser.add_argument("--ray-address", help="address of an existing Ray cluster for every run")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (default 1; more finishes sooner but skews the timing columns)")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv/.md and plots from finished runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild results.csv/.md and plots from finished runs")
     args = parser.parse_args(argv)
     out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
     try:

@@ -36,8 +36,11 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 
 def plot_run(run_dir: Path) -> Path:
-    """`curves.png`: clean accuracy and ASR per round, rejection rates when tau > 0, and the
-    defense's detection recall / attacker weight when it reports them. Attack rounds are shaded."""
+    """Write a run's `curves.png`.
+
+    Clean accuracy and ASR per round, rejection rates when tau > 0, and the defense's detection
+    recall / attacker weight when it reports them. Attack rounds are shaded.
+    """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}

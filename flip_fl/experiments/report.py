@@ -20,7 +20,8 @@ RESULT_KEYS = ["clean_acc", "asr", "clean_acc_thresholded", "asr_thresholded", "
 def _row_label(point: Point, row_keys: list[str]) -> str:
     if point.label:
         return point.label
-    parts = [format_value(value_at(point.cfg, k)) if k == "defense.name" else f"{k}={format_value(value_at(point.cfg, k))}"
+    parts = [format_value(value_at(point.cfg, k)) if k == "defense.name"
+             else f"{k}={format_value(value_at(point.cfg, k))}"
              for k in row_keys]
     return ", ".join(parts) or format_value(point.cfg.defense.name)
 
@@ -44,7 +45,8 @@ def _column_labels(points: list[Point], row_keys: list[str]) -> dict[str, str]:
 
 
 def error_line(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error")]
     return (errors or lines or ["no output"])[-1][:300]
 

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
 from flip_fl.data import load_datasets
+from flip_fl.defenses.fltrust import evaluation_set
 from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.experiments.plots import plot_run
 from flip_fl.experiments.results import RunRecorder
@@ -25,7 +26,6 @@ from flip_fl.federation.rounds import round_fields
 from flip_fl.federation.runtime import SimulationError, Watchdog, init_ray, launch
 from flip_fl.federation.server_app import RunOutcome, ServerJob, server_app
 from flip_fl.models import build_model
-from flip_fl.defenses.fltrust import evaluation_set
 from strategies import build_strategy
 
 SWEEP_THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from flip_fl.config import Config
+from flip_fl.config.schema import ConfigError
 from flip_fl.data import ImageDataset
 from flip_fl.models import build_model
-from flip_fl.config.schema import ConfigError
 
 Scalar = int | float | str | bool
 StateDict = dict[str, torch.Tensor]

@@ -15,9 +15,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flip_fl.federation.client import ClientState, RoundInfo, load_client_class
 from flip_fl.config import Config, from_yaml
 from flip_fl.data import client_dataset
+from flip_fl.federation.client import ClientState, RoundInfo, load_client_class
 
 STATE_ARRAYS = "flipfl-state-arrays"
 STATE_VALUES = "flipfl-state-values"

@@ -23,8 +23,11 @@ RoundCallback = Callable[[Any, int, ArrayRecord], MetricRecord]
 
 @dataclass
 class ServerJob:
-    """What the ServerApp needs: the federation's size, the initial model, how to build the strategy once
-    nodes are mapped to partitions, and what to do with each evaluated round (strategy, round, arrays)."""
+    """What the ServerApp needs from the caller.
+
+    The federation's size, the initial model, how to build the strategy once nodes are mapped to
+    partitions, and what to do with each evaluated round (strategy, round, arrays).
+    """
 
     num_clients: int
     num_rounds: int
@@ -44,7 +47,7 @@ class RunOutcome:
 
 
 def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-    """node id -> partition id, asked of every node with a QUERY message."""
+    """Node id -> partition id, asked of every node with a QUERY message."""
     deadline = time.time() + timeout
     while len(node_ids := list(grid.get_node_ids())) < num_clients:
         if time.time() > deadline:

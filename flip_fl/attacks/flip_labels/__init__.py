@@ -1,14 +1,14 @@
 """FLIP label-only backdoor (Jha, Hayase, Oh; NeurIPS 2023), torch-level core.
 
-Pipeline on plain tensors (``x``: N x C x H x W in [0, 1], ``y``: N int64):
+Pipeline on plain tensors (`x`: N x C x H x W in [0, 1], `y`: N int64):
 
-1. :func:`train_expert` (x :func:`load_trajectory`): train on clean + triggered source copies,
+1. `train_expert` (x `load_trajectory`): train on clean + triggered source copies,
    record model and optimizer state;
-2. :func:`optimize_labels`: trajectory matching on per-image logits;
-3. :func:`flip_labels_at_budgets` / :func:`select_flips` (baselines :func:`random_flips`,
-   :func:`matched_random_flips`);
-4. :func:`train_user_model` on the flipped hard labels (or :func:`soft_labels`), then
-   :func:`evaluate_cta_pta`.
+2. `optimize_labels`: trajectory matching on per-image logits;
+3. `flip_labels_at_budgets` / `select_flips` (baselines `random_flips`,
+   `matched_random_flips`);
+4. `train_user_model` on the flipped hard labels (or `soft_labels`), then
+   `evaluate_cta_pta`.
 """
 
 from .augment import AugmentSettings, augment, paired_augment

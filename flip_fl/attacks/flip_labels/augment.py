@@ -4,9 +4,9 @@ FLIP needs the clean view and the triggered view of one image to get the *same* 
 (reference: "Clean/poisoned views of a pair share the same augmentation"), so the augmentation draws
 its random parameters once per image and applies them to every view passed in.
 
-The crop matches ``torchvision.transforms.RandomCrop(size, padding=p)`` (zero padding, uniform offset
-in ``[0, 2p]``) and the flip matches ``RandomHorizontalFlip(0.5)``. Random numbers come from a CPU
-``torch.Generator``; the views may live on any device.
+The crop matches `torchvision.transforms.RandomCrop(size, padding=p)` (zero padding, uniform offset
+in `[0, 2p]`) and the flip matches `RandomHorizontalFlip(0.5)`. Random numbers come from a CPU
+`torch.Generator`; the views may live on any device.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """``enabled=False`` turns augmentation off (synthetic / MNIST-like data)."""
+    """`enabled=False` turns augmentation off (synthetic / MNIST-like data)."""
 
     enabled: bool = True
     padding: int = 4
@@ -32,9 +32,9 @@ def paired_augment(
     settings: AugmentSettings,
     generator: torch.Generator,
 ) -> tuple[Tensor, ...]:
-    """Augment every ``N x C x H x W`` tensor in ``views`` with the same per-image crop and flip.
+    """Augment every `N x C x H x W` tensor in `views` with the same per-image crop and flip.
 
-    Returns new tensors (the inputs are not modified). With ``settings.enabled`` false the views are
+    Returns new tensors (the inputs are not modified). With `settings.enabled` false the views are
     returned unchanged and no random numbers are drawn.
     """
     views = tuple(views)
@@ -65,5 +65,5 @@ def paired_augment(
 
 
 def augment(x: Tensor, settings: AugmentSettings, generator: torch.Generator) -> Tensor:
-    """Single-view convenience wrapper around :func:`paired_augment`."""
+    """Single-view convenience wrapper around `paired_augment`."""
     return paired_augment((x,), settings, generator)[0]

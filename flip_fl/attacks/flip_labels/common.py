@@ -1,24 +1,25 @@
 """Pieces shared by expert training, label matching and user training.
 
-Conventions used across :mod:`flip_fl.labels`:
+Conventions used across `flip_fl.labels`:
 
-* Images are ``N x C x H x W`` float tensors in ``[0, 1]``; all computation happens on ``x.device``
-  (the model built by ``model_fn`` is moved there). Normalisation, if wanted, belongs in the model.
-* ``apply_trigger(x)`` takes a batch ``B x C x H x W`` and returns a stamped copy.
-* ``source`` is a class id or ``-1`` for "every class except the target".
+* Images are `N x C x H x W` float tensors in `[0, 1]`; all computation happens on `x.device`
+  (the model built by `model_fn` is moved there). Normalisation, if wanted, belongs in the model.
+* `apply_trigger(x)` takes a batch `B x C x H x W` and returns a stamped copy.
+* `source` is a class id or `-1` for "every class except the target".
 * Randomness (shuffling, poison-copy choice, augmentation, checkpoint choice) comes from a CPU
-  ``torch.Generator``; model initialisation is seeded from it too (see :func:`build_model`), so a
+  `torch.Generator`; model initialisation is seeded from it too (see `build_model`), so a
   fixed generator seed reproduces a run on a fixed device.
-* A dataset of ``M`` items is cut each epoch into ``ceil(M / batch_size)`` near-equal minibatches
-  (``torch.tensor_split`` of a random permutation): every item is used, no batch is tiny, and any
-  ``M >= 2`` works (the official code dropped the last batch and assumed >= 201 batches per epoch).
+* A dataset of `M` items is cut each epoch into `ceil(M / batch_size)` near-equal minibatches
+  (`torch.tensor_split` of a random permutation): every item is used, no batch is tiny, and any
+  `M >= 2` works (the official code dropped the last batch and assumed >= 201 batches per epoch).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from .augment import AugmentSettings, paired_augment
 
 ModelFn = Callable[[], nn.Module]
 Trigger = Callable[[Tensor], Tensor]
-#: Called with a dict such as ``{"stage": "expert", "step": 10, "total": 200, "loss": 0.7}``.
+# Called with a dict such as `{"stage": "expert", "step": 10, "total": 200, "loss": 0.7}`.
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -37,8 +38,8 @@ class TrainSettings:
     """SGD training of a classifier (used for experts and user models).
 
     Defaults: the FLIP expert recipe (SGD lr 0.1, momentum 0.9, Nesterov, wd 2e-4, batch 256,
-    20 epochs, crop-4/flip augmentation). ``lr_milestones`` are epochs at which the lr is multiplied
-    by ``lr_gamma`` (``MultiStepLR``); empty means a constant lr.
+    20 epochs, crop-4/flip augmentation). `lr_milestones` are epochs at which the lr is multiplied
+    by `lr_gamma` (`MultiStepLR`); empty means a constant lr.
     """
 
     epochs: int = 20
@@ -53,7 +54,7 @@ class TrainSettings:
 
 
 def build_model(model_fn: ModelFn, generator: torch.Generator, device: torch.device) -> nn.Module:
-    """Call ``model_fn`` with the global CPU RNG seeded from ``generator`` (state restored after)."""
+    """Call `model_fn` with the global CPU RNG seeded from `generator` (state restored after)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
@@ -62,7 +63,7 @@ def build_model(model_fn: ModelFn, generator: torch.Generator, device: torch.dev
 
 
 def num_classes_of(model: nn.Module, x: Tensor) -> int:
-    """Output width of ``model`` (one eval-mode forward on two images; no state changes)."""
+    """Output width of `model` (one eval-mode forward on two images; no state changes)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -72,7 +73,7 @@ def num_classes_of(model: nn.Module, x: Tensor) -> int:
 
 
 def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """A random permutation of ``range(n_items)`` cut into ``ceil(n_items / batch_size)`` parts."""
+    """A random permutation of `range(n_items)` cut into `ceil(n_items / batch_size)` parts."""
     if n_items < 1 or batch_size < 1:
         raise ValueError(f"need n_items >= 1 and batch_size >= 1, got {n_items}, {batch_size}")
     perm = torch.randperm(n_items, generator=generator)
@@ -84,7 +85,7 @@ def steps_per_epoch(n_items: int, batch_size: int) -> int:
 
 
 def source_mask(y: Tensor, source: int, target: int) -> Tensor:
-    """Images eligible as trigger carriers: class ``source``, or every non-target class if -1."""
+    """Images eligible as trigger carriers: class `source`, or every non-target class if -1."""
     return y != target if source == -1 else y == source
 
 
@@ -93,8 +94,8 @@ def poison_source_indices(
 ) -> Tensor:
     """Indices (CPU int64) of the images whose triggered copies join the poisoned training set.
 
-    Drawn without replacement from the source-class images; when ``n_copies`` exceeds their number
-    every image is used ``n_copies // n_source`` times plus a random subset for the remainder.
+    Drawn without replacement from the source-class images; when `n_copies` exceeds their number
+    every image is used `n_copies // n_source` times plus a random subset for the remainder.
     """
     candidates = torch.nonzero(source_mask(y.cpu(), source, target)).flatten()
     if n_copies == 0:
@@ -107,10 +108,10 @@ def poison_source_indices(
 
 
 class PoisonedData:
-    """The expert's training set: ``N`` clean items followed by ``P`` triggered copies.
+    """The expert's training set: `N` clean items followed by `P` triggered copies.
 
-    Item ``j < N`` is clean image ``j`` with label ``y[j]``; item ``N + i`` is
-    ``apply_trigger(x[copy_of[i]])`` labelled ``target``. ``clean_index(items)`` maps every item to
+    Item `j < N` is clean image `j` with label `y[j]`; item `N + i` is
+    `apply_trigger(x[copy_of[i]])` labelled `target`. `clean_index(items)` maps every item to
     its clean image (and so to the label logit it belongs to in trajectory matching).
     """
 
@@ -131,10 +132,10 @@ class PoisonedData:
     def batch(
         self, items: Tensor, augment: AugmentSettings, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(x_poisoned, y_poisoned, x_clean, clean_index)`` for ``items``.
+        """`(x_poisoned, y_poisoned, x_clean, clean_index)` for `items`.
 
-        ``x_poisoned`` has the trigger stamped on copy items (before augmentation, as in the
-        reference: the trigger goes through the crop/flip), ``x_clean`` is the same images without
+        `x_poisoned` has the trigger stamped on copy items (before augmentation, as in the
+        reference: the trigger goes through the crop/flip), `x_clean` is the same images without
         the trigger; both views share one augmentation draw.
         """
         items = items.to(self.x.device)
@@ -150,12 +151,12 @@ class PoisonedData:
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over the batch of ``-sum_c targets[c] * log_softmax(logits)[c]``."""
+    """Mean over the batch of `-sum_c targets[c] * log_softmax(logits)[c]`."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def make_sgd(model: nn.Module, settings: TrainSettings) -> torch.optim.SGD:
-    """``SGD(model.parameters(), ...)``: one param group, params in ``named_parameters`` order."""
+    """`SGD(model.parameters(), ...)`: one param group, params in `named_parameters` order."""
     return torch.optim.SGD(
         model.parameters(),
         lr=settings.lr,
@@ -175,10 +176,10 @@ def sgd_train(
     progress: Progress | None = None,
     stage: str = "train",
 ) -> torch.optim.SGD:
-    """Train ``model`` in place; ``make_batch(items) -> (x, targets)``.
+    """Train `model` in place; `make_batch(items) -> (x, targets)`.
 
-    ``targets`` are int64 class ids (cross-entropy) or ``B x C`` probabilities (soft cross-entropy).
-    ``on_step(step, optimizer)`` runs before the first update (step 0) and after every update
+    `targets` are int64 class ids (cross-entropy) or `B x C` probabilities (soft cross-entropy).
+    `on_step(step, optimizer)` runs before the first update (step 0) and after every update
     (step = number of updates done so far). Returns the optimizer.
     """
     opt = make_sgd(model, settings)

@@ -1,11 +1,11 @@
 """Step 1 of FLIP: train expert models on poisoned data and record their trajectories.
 
-An expert trains on the clean images (true labels) plus ``P`` triggered copies of source-class
-images labelled ``target`` (``P = N // num_classes`` by default, as in the paper: 5000 for CIFAR-10).
-Model state *and* optimizer state are saved at step 0, every ``checkpoint_every`` minibatches, and
-at the final step, as ``step_XXXXXXXXX.pt`` files (zero-padded, so names sort by step) holding
-``{"step": int, "model": state_dict, "optimizer": optimizer.state_dict()}``. The files load with
-``torch.load(..., weights_only=True)``.
+An expert trains on the clean images (true labels) plus `P` triggered copies of source-class
+images labelled `target` (`P = N // num_classes` by default, as in the paper: 5000 for CIFAR-10).
+Model state *and* optimizer state are saved at step 0, every `checkpoint_every` minibatches, and
+at the final step, as `step_XXXXXXXXX.pt` files (zero-padded, so names sort by step) holding
+`{"step": int, "model": state_dict, "optimizer": optimizer.state_dict()}`. The files load with
+`torch.load(..., weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 @dataclass(frozen=True)
 class ExpertSettings(TrainSettings):
-    """:class:`TrainSettings` (defaults = FLIP expert recipe) plus trajectory recording.
+    """`TrainSettings` (defaults = FLIP expert recipe) plus trajectory recording.
 
-    ``n_poison_copies=None`` means ``len(x) // num_classes``.
+    `n_poison_copies=None` means `len(x) // num_classes`.
     """
 
     checkpoint_every: int = 50
@@ -60,7 +60,7 @@ class Expert:
 
 
 def checkpoint_steps(total_steps: int, every: int) -> list[int]:
-    """Steps at which :func:`train_expert` saves: 0, every, 2*every, ... and ``total_steps``."""
+    """Steps at which `train_expert` saves: 0, every, 2*every, ... and `total_steps`."""
     steps = list(range(0, total_steps + 1, every))
     if steps[-1] != total_steps:
         steps.append(total_steps)
@@ -83,10 +83,11 @@ def train_expert(
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> Expert:
-    """Train one expert, writing its trajectory to ``checkpoint_dir`` (ValueError if it already
-    holds checkpoints).
+    """Train one expert, writing its trajectory to `checkpoint_dir`.
 
-    Total steps = ``epochs * ceil((N + P) / batch_size)``. Returns the trained model, its optimizer
+    Raises ValueError if `checkpoint_dir` already holds checkpoints.
+
+    Total steps = `epochs * ceil((N + P) / batch_size)`. Returns the trained model, its optimizer
     and the saved step ids.
     """
     if settings.checkpoint_every < 1:
@@ -126,11 +127,11 @@ def load_trajectory(
     fraction: tuple[float, float] = (0.0, 1.0),
     map_location: str | torch.device = "cpu",
 ) -> list[Checkpoint]:
-    """Checkpoints of one expert sorted by step, loaded with ``weights_only=True``.
+    """Checkpoints of one expert sorted by step, loaded with `weights_only=True`.
 
-    ``fraction=(lo, hi)`` keeps only steps in ``[lo * last, hi * last]`` (``last`` = largest saved
+    `fraction=(lo, hi)` keeps only steps in `[lo * last, hi * last]` (`last` = largest saved
     step) without loading the others; the official code matched from epochs 1-15 of 20, i.e.
-    roughly ``(0.05, 0.75)``.
+    roughly `(0.05, 0.75)`.
     """
     found = sorted(
         (int(m.group(1)), p)

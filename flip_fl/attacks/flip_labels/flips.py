@@ -1,19 +1,20 @@
 """Step 3 of FLIP: turn optimised logits into a budget of hard label flips.
 
-``margin_i = logits[i, y_i] - max_{c != y_i} logits[i, c]``. The ``budget`` images with the most
+`margin_i = logits[i, y_i] - max_{c != y_i} logits[i, c]`. The `budget` images with the most
 negative margin are flipped, each to its highest-scoring *incorrect* class (not forced to the
-target). Exactly ``budget`` images are flipped even if fewer have a negative margin (as the official
+target). Exactly `budget` images are flipped even if fewer have a negative margin (as the official
 code). Ties in the margin are broken by the lower image index first (stable sort).
 
 Several label runs (independent experts / matching runs) are combined per image by
-:func:`aggregate_margins`; the default ``reduce="max"`` is what the official code does (it keeps
-``min`` over runs of ``-margin``): an image counts only as much as its least convincing run, the
+`aggregate_margins`; the default `reduce="max"` is what the official code does (it keeps
+`min` over runs of `-margin`): an image counts only as much as its least convincing run, the
 attacker's worst case. The new label then comes from the mean of the runs' logits.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ Budget = int | float
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
-    """``logit(true) - max logit(other)`` per row."""
+    """`logit(true) - max logit(other)` per row."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     return true - _mask_true(logits, y).max(dim=1).values
 
@@ -36,9 +37,9 @@ def aggregate_margins(
 ) -> Tensor:
     """Per-image margin over several label runs.
 
-    ``"max"`` (default, official code): the least negative margin, i.e. the worst case for the
-    attacker: an image ranks high only if every run wants it flipped. ``"min"``: the most negative
-    margin over runs. ``"mean"``: the average.
+    `"max"` (default, official code): the least negative margin, i.e. the worst case for the
+    attacker: an image ranks high only if every run wants it flipped. `"min"`: the most negative
+    margin over runs. `"mean"`: the average.
     """
     stacked = torch.stack([margins(r, y) for r in runs])
     if reduce == "max":
@@ -51,7 +52,7 @@ def aggregate_margins(
 
 
 def resolve_budget(budget: Budget, n: int) -> int:
-    """An ``int`` count in ``[0, n]``, or a ``float`` fraction in ``(0, 1)`` -> ``round(budget * n)``."""
+    """An `int` count in `[0, n]`, or a `float` fraction in `(0, 1)` -> `round(budget * n)`."""
     if isinstance(budget, bool):
         raise ValueError(f"budget must be an int count or a float fraction, got {budget!r}")
     if isinstance(budget, int):
@@ -82,9 +83,9 @@ def select_flips(
     budget: Budget,
     reduce: Literal["max", "min", "mean"] = "max",
 ) -> tuple[Tensor, Tensor]:
-    """``(indices, new_labels)`` of the ``budget`` flips.
+    """`(indices, new_labels)` of the `budget` flips.
 
-    ``logits``: ``N x C`` from one run, or a sequence of such tensors (several runs). ``indices``
+    `logits`: `N x C` from one run, or a sequence of such tensors (several runs). `indices`
     are ordered from the most negative margin on.
     """
     order, best_wrong = _ranking(logits, y, reduce)
@@ -105,7 +106,7 @@ def flip_labels_at_budgets(
     budgets: Sequence[Budget],
     reduce: Literal["max", "min", "mean"] = "max",
 ) -> dict[Budget, Tensor]:
-    """``{budget: flipped hard labels (N,)}``; a larger budget's flips contain a smaller one's."""
+    """`{budget: flipped hard labels (N,)}`; a larger budget's flips contain a smaller one's."""
     order, best_wrong = _ranking(logits, y, reduce)
     out = {}
     for b in budgets:
@@ -117,7 +118,7 @@ def flip_labels_at_budgets(
 def random_flips(
     y: Tensor, budget: Budget, target: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """Baseline: ``budget`` random non-target images relabelled ``target`` -> ``(indices, labels)``."""
+    """Baseline: `budget` random non-target images relabelled `target` -> `(indices, labels)`."""
     candidates = torch.nonzero(y.cpu() != target).flatten()
     k = resolve_budget(budget, len(y))
     if k > len(candidates):
@@ -129,11 +130,13 @@ def random_flips(
 def matched_random_flips(
     y: Tensor, indices: Tensor, new_labels: Tensor, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """Baseline with the class make-up of given flips: for every class, as many random images of
-    that class as ``indices`` holds, given the labels ``new_labels`` gave that class.
+    """Baseline with the class make-up of given flips.
+
+    For every class, as many random images of that class as `indices` holds, given the labels
+    `new_labels` gave that class.
 
     It separates what trajectory matching adds by *which* images it picks from what any flips of
-    those classes to those labels do -> ``(indices, labels)``.
+    those classes to those labels do -> `(indices, labels)`.
     """
     y_cpu, picked, new = y.cpu(), indices.cpu(), new_labels.cpu()
     chosen, relabel = [picked[:0]], [new[:0]]

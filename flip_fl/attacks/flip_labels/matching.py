@@ -1,15 +1,15 @@
 """Step 2 of FLIP: trajectory matching on the labels.
 
-One logit vector per training image, initialised to ``init_scale * one_hot(y)``. Per minibatch of the
-poisoned dataset (clean items + triggered copies, see :class:`~flip_fl.labels.common.PoisonedData`):
+One logit vector per training image, initialised to `init_scale * one_hot(y)`. Per minibatch of the
+poisoned dataset (clean items + triggered copies, see `PoisonedData`):
 
-* expert step: load checkpoint ``theta_k`` and its optimizer state, take one real
-  ``torch.optim.SGD`` step on the poisoned batch (triggered copies labelled ``target``) -> ``theta_k1``;
-* student step: from the same ``theta_k`` and optimizer state, one differentiable SGD step on the
+* expert step: load checkpoint `theta_k` and its optimizer state, take one real
+  `torch.optim.SGD` step on the poisoned batch (triggered copies labelled `target`) -> `theta_k1`;
+* student step: from the same `theta_k` and optimizer state, one differentiable SGD step on the
   clean versions of the same images (a copy maps back to its clean source image and that image's
-  logit), targets ``softmax(logits[idx])`` -> ``phi``;
-* loss ``sum ||phi - theta_k1||^2 / sum ||theta_k - theta_k1||^2`` over parameters (buffers excluded)
-  ``+ l1_lambda * mean_i ||softmax(logits_i) - one_hot(y_i)||_1`` (over all images, as the
+  logit), targets `softmax(logits[idx])` -> `phi`;
+* loss `sum ||phi - theta_k1||^2 / sum ||theta_k - theta_k1||^2` over parameters (buffers excluded)
+  `+ l1_lambda * mean_i ||softmax(logits_i) - one_hot(y_i)||_1` (over all images, as the
   official code; default 0);
 * the logits take one SGD step (lr 150, momentum 0.5).
 
@@ -17,14 +17,15 @@ Both views share the augmentation draw. Expert and student forward passes run in
 BatchNorm uses batch statistics in both (the checkpoint's running statistics are passed to the
 student but do not affect its output; the student never writes them back).
 
-Checkpoint choice: ``checkpoint_per="pass"`` (default, the official code) draws one checkpoint per
-outer pass and matches every minibatch of that pass from it; ``"batch"`` draws one per minibatch.
+Checkpoint choice: `checkpoint_per="pass"` (default, the official code) draws one checkpoint per
+outer pass and matches every minibatch of that pass from it; `"batch"` draws one per minibatch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +72,8 @@ class SGDHyper:
     nesterov: bool = False
 
     @classmethod
-    def from_optimizer_state(cls, optimizer_state: dict) -> "SGDHyper":
-        """Hyper-parameters of the single param group of a saved ``torch.optim.SGD`` state."""
+    def from_optimizer_state(cls, optimizer_state: dict) -> SGDHyper:
+        """Hyper-parameters of the single param group of a saved `torch.optim.SGD` state."""
         groups = optimizer_state["param_groups"]
         if len(groups) != 1:
             raise ValueError(f"expected one SGD param group, got {len(groups)}")
@@ -87,10 +88,10 @@ class SGDHyper:
 def momentum_buffers(model: nn.Module, optimizer_state: dict) -> dict[str, Tensor | None]:
     """Map a saved SGD state to parameter names.
 
-    ``optimizer.state_dict()["state"]`` is keyed by the integer ids listed in
-    ``param_groups[0]["params"]``; id ``param_groups[0]["params"][j]`` is the ``j``-th parameter
-    given to the optimizer, which for ``SGD(model.parameters())`` is the ``j``-th entry of
-    ``model.named_parameters()``. Parameters without a buffer (never stepped) map to ``None``.
+    `optimizer.state_dict()["state"]` is keyed by the integer ids listed in
+    `param_groups[0]["params"]`; id `param_groups[0]["params"][j]` is the `j`-th parameter
+    given to the optimizer, which for `SGD(model.parameters())` is the `j`-th entry of
+    `model.named_parameters()`. Parameters without a buffer (never stepped) map to `None`.
     """
     names = [n for n, _ in model.named_parameters()]
     ids = optimizer_state["param_groups"][0]["params"]
@@ -110,12 +111,12 @@ def sgd_step_functional(
     hyper: SGDHyper,
     create_graph: bool = True,
 ) -> dict[str, Tensor]:
-    """One ``torch.optim.SGD`` step from ``params`` on ``(x, soft_targets)``, differentiable.
+    """One `torch.optim.SGD` step from `params` on `(x, soft_targets)`, differentiable.
 
-    ``model`` only provides the architecture (``torch.func.functional_call``); its own tensors are not
-    used or changed, and ``buffers`` are cloned so BatchNorm's running-stat updates do not leak out.
-    Loss: :func:`~flip_fl.labels.common.soft_cross_entropy`. ``opt_state`` maps parameter names to
-    momentum buffers (see :func:`momentum_buffers`). Update, as PyTorch (``maximize=False``)::
+    `model` only provides the architecture (`torch.func.functional_call`); its own tensors are not
+    used or changed, and `buffers` are cloned so BatchNorm's running-stat updates do not leak out.
+    Loss: `soft_cross_entropy`. `opt_state` maps parameter names to
+    momentum buffers (see `momentum_buffers`). Update, as PyTorch (`maximize=False`):
 
         g = grad + weight_decay * p
         buf = g                                   if no buffer yet
@@ -124,7 +125,7 @@ def sgd_step_functional(
         p_new = p - lr * u
 
     Parameters that get no gradient are returned unchanged (PyTorch skips them). With
-    ``create_graph`` the result stays differentiable w.r.t. ``soft_targets`` (and ``params``).
+    `create_graph` the result stays differentiable w.r.t. `soft_targets` (and `params`).
     """
     names = list(params)
     leaves = [p if p.requires_grad else p.detach().requires_grad_() for p in params.values()]
@@ -164,8 +165,11 @@ class _Start:
 
 
 def _fresh_state(optimizer_state: dict) -> dict:
-    """Deep copy of the tensors: ``Optimizer.load_state_dict`` keeps same-device tensors by
-    reference and ``step()`` updates momentum buffers in place, which would corrupt the checkpoint."""
+    """Deep copy of the tensors of an optimizer state.
+
+    `Optimizer.load_state_dict` keeps same-device tensors by reference and `step()` updates
+    momentum buffers in place, which would corrupt the checkpoint.
+    """
     return {
         "state": {k: {kk: (vv.clone() if isinstance(vv, Tensor) else vv) for kk, vv in v.items()}
                   for k, v in optimizer_state["state"].items()},
@@ -184,7 +188,7 @@ def matching_loss(
 ) -> Tensor:
     """Normalised parameter-matching loss for one minibatch (differentiable w.r.t. soft_targets).
 
-    ``model``/``optimizer`` are scratch objects: they are overwritten with the checkpoint and take
+    `model`/`optimizer` are scratch objects: they are overwritten with the checkpoint and take
     the real expert step.
     """
     model.load_state_dict(start.model_state)
@@ -214,10 +218,12 @@ def optimize_labels(
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> Tensor:
-    """Optimise one logit vector per image; returns the ``N x num_classes`` logits (detached, on
-    ``x.device``). ``trajectory`` may concatenate several experts' checkpoints (all from the
-    same architecture as ``model_fn``); each draw is uniform over the list. ``progress`` gets
-    ``{"stage": "labels", "pass", "step", "total", "loss"}`` after each minibatch."""
+    """Optimise one logit vector per image.
+
+    Returns the `N x num_classes` logits (detached, on `x.device`). `trajectory` may concatenate several
+    experts' checkpoints (all from the same architecture as `model_fn`); each draw is uniform over the list.
+    `progress` gets `{"stage": "labels", "pass", "step", "total", "loss"}` after each minibatch.
+    """
     if not trajectory:
         raise ValueError("empty trajectory")
     if settings.checkpoint_per not in ("pass", "batch"):

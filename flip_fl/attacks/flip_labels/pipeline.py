@@ -26,12 +26,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flip_fl.attacks.flip_labels import (
+    AugmentSettings,
+    ExpertSettings,
+    LabelScores,
+    MatchSettings,
+    UserSettings,
+    apply_flips,
+    evaluate_cta_pta,
+    load_trajectory,
+    matched_random_flips,
+    optimize_labels,
+    random_flips,
+    select_flips,
+    soft_labels,
+    train_expert,
+    train_user_model,
+)
 from flip_fl.attacks.triggers import build_trigger
 from flip_fl.config import Config, LabelsConfig
 from flip_fl.data import ImageDataset
-from flip_fl.attacks.flip_labels import (AugmentSettings, ExpertSettings, LabelScores, MatchSettings, UserSettings, apply_flips,
-                            evaluate_cta_pta, load_trajectory, matched_random_flips, optimize_labels, random_flips,
-                            select_flips, soft_labels, train_expert, train_user_model)
 from flip_fl.models import build_model
 
 STAGES = ("experts", "labels", "flips", "user")

@@ -1,9 +1,9 @@
 """Step 4 of FLIP: the victim ("user") trains from scratch on clean images with the attacker's labels.
 
-Hard vs soft labels is decided by the targets passed to :func:`train_user_model`, never by a
-default: int64 ``(N,)`` class ids (crowd-sourced labels, e.g. from
-:func:`~flip_fl.labels.flips.flip_labels_at_budgets`) train with cross-entropy; float ``N x C``
-probabilities (knowledge distillation, from :func:`soft_labels`) train with soft cross-entropy.
+Hard vs soft labels is decided by the targets passed to `train_user_model`, never by a
+default: int64 `(N,)` class ids (crowd-sourced labels, e.g. from
+`flip_labels_at_budgets`) train with cross-entropy; float `N x C`
+probabilities (knowledge distillation, from `soft_labels`) train with soft cross-entropy.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from .common import ModelFn, Progress, TrainSettings, Trigger, build_model, sgd_
 
 @dataclass(frozen=True)
 class UserSettings(TrainSettings):
-    """:class:`TrainSettings` with the paper's user-model schedule (200 epochs, lr x0.1 at 75, 125)."""
+    """`TrainSettings` with the paper's user-model schedule (200 epochs, lr x0.1 at 75, 125)."""
 
     epochs: int = 200
     lr_milestones: tuple[int, ...] = (75, 125)
 
 
 def soft_labels(logits: Tensor, y: Tensor, alpha: float) -> Tensor:
-    """Distillation targets ``softmax(alpha * one_hot(y) + (1 - alpha) * logits)`` (``N x C``)."""
+    """Distillation targets `softmax(alpha * one_hot(y) + (1 - alpha) * logits)` (`N x C`)."""
     one_hot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
     return torch.softmax(alpha * one_hot + (1 - alpha) * logits, dim=1)
 
@@ -41,9 +41,9 @@ def train_user_model(
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> nn.Module:
-    """Train a fresh model on ``(x, targets)``; returns it in eval mode.
+    """Train a fresh model on `(x, targets)`; returns it in eval mode.
 
-    ``targets``: int64 ``(N,)`` hard labels or float ``N x C`` soft labels (rows summing to 1).
+    `targets`: int64 `(N,)` hard labels or float `N x C` soft labels (rows summing to 1).
     """
     if targets.dtype == torch.long and targets.dim() == 1:
         pass
@@ -79,9 +79,9 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
 class LabelScores(NamedTuple):
     """Scores of a model trained on (possibly poisoned) labels, fractions in [0, 1].
 
-    ``pta_clean`` is the part of ``pta`` that needs no trigger: relabelling many images of the
+    `pta_clean` is the part of `pta` that needs no trigger: relabelling many images of the
     source class teaches a model to confuse the class with the target even on clean images, so
-    only ``pta - pta_clean`` is a backdoor.
+    only `pta - pta_clean` is a backdoor.
     """
 
     cta: float
@@ -98,8 +98,10 @@ def evaluate_cta_pta(
     target: int,
     batch_size: int = 1024,
 ) -> LabelScores:
-    """CTA: accuracy on the clean test set. PTA: fraction of triggered test images of the source
-    class (every non-target class when ``source == -1``) predicted as ``target``. PTA clean: the
+    """Clean test accuracy (CTA), poison test accuracy (PTA) and PTA without the trigger.
+
+    CTA: accuracy on the clean test set. PTA: fraction of triggered test images of the source
+    class (every non-target class when `source == -1`) predicted as `target`. PTA clean: the
     same fraction on those images without the trigger.
     """
     cta = (predict(model, x_test, batch_size) == y_test).float().mean().item()

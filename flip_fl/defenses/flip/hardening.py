@@ -1,17 +1,17 @@
 """FLIP hardening step and the per-client trigger cache.
 
-Hardening (reference, "Hardening"): in each trained batch a fraction ``portion`` of the
-*eligible* images is replaced by its stamped version ``clip((1-m) x + m p, 0, 1)``; labels stay
+Hardening (reference, "Hardening"): in each trained batch a fraction `portion` of the
+*eligible* images is replaced by its stamped version `clip((1-m) x + m p, 0, 1)`; labels stay
 the TRUE labels, so the model unlearns the trigger -> target shortcut.
 
-:class:`TriggerCache` is the state a benign client keeps across rounds (in Flower: in
-``context.state`` or a store keyed by partition id, never a module global).
+`TriggerCache` is the state a benign client keeps across rounds (in Flower: in
+`context.state` or a store keyed by partition id, never a module global).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from flip_fl.defenses.flip.inversion import stamp
 __all__ = ["harden_batch", "TriggerCache", "UNIVERSAL"]
 
 UNIVERSAL = -1
-"""Source index used in :class:`TriggerCache` keys for a universal (all-sources) trigger."""
+"""Source index used in `TriggerCache` keys for a universal (all-sources) trigger."""
 
 
 def harden_batch(
@@ -35,30 +35,31 @@ def harden_batch(
     sources: Sequence[Iterable[int]] | None = None,
     targets: Sequence[int] | None = None,
 ) -> tuple[Tensor, int]:
-    """Stamp a fraction ``portion`` of the eligible images of a batch with inverted triggers.
+    """Stamp a fraction `portion` of the eligible images of a batch with inverted triggers.
 
     Args:
         x: batch [B, C, H, W] in [0, 1]; not modified.
         y: true labels [B]; not modified (hardening keeps the true labels).
-        masks: [T, 1, H, W] (or [T, C, H, W]) masks in [0, 1]; patterns: [T, C, H, W].
+        masks: [T, 1, H, W] (or [T, C, H, W]) masks in [0, 1].
+        patterns: [T, C, H, W].
         portion: fraction in [0, 1] of the eligible images to stamp;
-            ``count = floor(portion * n_eligible)`` (as ``int(len * portion)`` in the official
+            `count = floor(portion * n_eligible)` (as `int(len * portion)` in the official
             code).
-        generator: CPU ``torch.Generator`` for the choice of images and triggers.
-        sources: per trigger, the source classes it applies to (e.g. ``[s]`` for a pair
-            trigger s->t, or all classes != t for a universal one).  If ``None``: derived from
-            ``targets`` (all classes != target); if both are ``None`` every image is eligible
+        generator: CPU `torch.Generator` for the choice of images and triggers.
+        sources: per trigger, the source classes it applies to (e.g. `[s]` for a pair
+            trigger s->t, or all classes != t for a universal one).  If `None`: derived from
+            `targets` (all classes != target); if both are `None` every image is eligible
             for every trigger.
-        targets: per-trigger target class, only used when ``sources`` is ``None``.
+        targets: per-trigger target class, only used when `sources` is `None`.
 
     A trigger whose mask is all zeros (an empty / failed inversion) is never used.  An image
-    is eligible if its label is a source of at least one usable trigger; the ``count`` stamped
+    is eligible if its label is a source of at least one usable trigger; the `count` stamped
     images are drawn uniformly without replacement among the eligible ones, and each gets a
     trigger drawn uniformly among the usable triggers it is eligible for.
 
     Returns:
-        ``(x2, count)``: a new tensor (stamped rows clipped to [0, 1], other rows identical
-        to ``x``) and the number of images stamped.
+        `(x2, count)`: a new tensor (stamped rows clipped to [0, 1], other rows identical
+        to `x`) and the number of images stamped.
     """
     if not 0.0 <= portion <= 1.0:
         raise ValueError("portion must be in [0, 1]")
@@ -113,13 +114,13 @@ def _empty_sizes(n: int) -> np.ndarray:
 class TriggerCache:
     """Per-client FLIP state, persistent across rounds.
 
-    * ``mask_sizes[s, t]`` (num_classes x num_classes, float64): last known ``|m|_1`` of a
-      trigger flipping class s to t.  ``NaN`` = never inverted (unknown), ``inf`` = inverted
+    * `mask_sizes[s, t]` (num_classes x num_classes, float64): last known `|m|_1` of a
+      trigger flipping class s to t.  `NaN` = never inverted (unknown), `inf` = inverted
       but no trigger within the size cap was found; the diagonal stays NaN.
-    * ``masks`` / ``patterns``: keyed by ``(source, target)``; ``source == UNIVERSAL (-1)``
+    * `masks` / `patterns`: keyed by `(source, target)`; `source == UNIVERSAL (-1)`
       for the per-target universal triggers of the warm-up.  Masks are [1, H, W], patterns
       [C, H, W] float32 arrays in [0, 1] (usable as warm starts for the next inversion).
-    * ``warmed_up``: the cached warm-up (one universal inversion per target) has been done.
+    * `warmed_up`: the cached warm-up (one universal inversion per target) has been done.
     """
 
     num_classes: int
@@ -146,9 +147,9 @@ class TriggerCache:
     ) -> None:
         """Store the outcome of one inversion.
 
-        ``source`` may be :data:`UNIVERSAL`; then ``size`` is written to every
-        ``mask_sizes[s, target]``, s != target.  ``size`` should be ``inf`` for an inversion
-        that found no usable trigger; in that case (or when ``mask`` is None) the stored
+        `source` may be `UNIVERSAL`; then `size` is written to every
+        `mask_sizes[s, target]`, s != target.  `size` should be `inf` for an inversion
+        that found no usable trigger; in that case (or when `mask` is None) the stored
         trigger for the key is left unchanged.
         """
         rows = [s for s in range(self.num_classes) if s != target] if source == UNIVERSAL else [source]
@@ -163,7 +164,7 @@ class TriggerCache:
             self.patterns[key] = _np32(pattern)
 
     def prune(self, max_pairs: int) -> None:
-        """Keep at most ``max_pairs`` pair triggers (the most recently stored); universal ones stay."""
+        """Keep at most `max_pairs` pair triggers (the most recently stored); universal ones stay."""
         pairs = [k for k in self.masks if k[0] != UNIVERSAL]
         for k in pairs[: max(len(pairs) - max_pairs, 0)]:
             del self.masks[k], self.patterns[k]
@@ -184,18 +185,18 @@ class TriggerCache:
     ) -> tuple[int, int]:
         """Pick the next (source, target) pair to invert.
 
-        With probability ``explore`` (reference: 30 %) a uniformly random pair s != t.
-        Otherwise exploit: the pair with the smallest known, finite ``mask_sizes[s, t]``
+        With probability `explore` (reference: 30 %) a uniformly random pair s != t.
+        Otherwise exploit: the pair with the smallest known, finite `mask_sizes[s, t]`
         (the most "promising" one: a small trigger is the signature of a backdoor), ties
         broken uniformly at random; if no finite size is known, a random pair.  The caller
-        must update ``mask_sizes`` after each inversion (the size of the newly inverted
-        trigger, or ``inf``), so that once a pair has been hardened and its trigger grows,
+        must update `mask_sizes` after each inversion (the size of the newly inverted
+        trigger, or `inf`), so that once a pair has been hardened and its trigger grows,
         the greedy choice moves on.
 
-        ``sources`` optionally restricts the source class (e.g. to the classes present in
+        `sources` optionally restricts the source class (e.g. to the classes present in
         the batch, as the official code does); the target may be any other class.
 
-        Note: the official code sorts its ``mat_diff`` matrix in DESCENDING order (warm-up
+        Note: the official code sorts its `mat_diff` matrix in DESCENDING order (warm-up
         mask sizes normalised by their max, later relative size changes); the reference
         only says "prioritise promising pairs".  Smallest-size-first is our documented
         reading.
@@ -224,7 +225,7 @@ class TriggerCache:
 
     # ------------------------------------------------------------------ persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict of numpy arrays (e.g. for ``np.savez`` or a Flower ``ArrayRecord``), in storage order."""
+        """Flat dict of numpy arrays (e.g. for `np.savez` or a Flower `ArrayRecord`), in storage order."""
         keys = list(self.masks)
         out: dict[str, np.ndarray] = {
             "num_classes": np.asarray(self.num_classes, dtype=np.int64),
@@ -241,7 +242,7 @@ class TriggerCache:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "TriggerCache":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TriggerCache:
         keys = [tuple(int(v) for v in k) for k in np.asarray(arrays["keys"]).reshape(-1, 2)]
         masks = {k: np.array(arrays["masks"][i], dtype=np.float32) for i, k in enumerate(keys)}
         patterns = {k: np.array(arrays["patterns"][i], dtype=np.float32) for i, k in enumerate(keys)}

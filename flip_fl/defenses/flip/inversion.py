@@ -1,23 +1,23 @@
 """Batched trigger inversion for the FLIP defense (Zhang et al., ICLR 2023).
 
 Neural Cleanse / MOTH style optimisation, as described in
-``shared/reference/flip-defense.md``:
+`shared/reference/flip-defense.md`:
 
-* mask    ``m = tanh(theta_m) / (2 - eps) + 0.5``  (shape 1 x H x W, shared over channels)
-* pattern ``p = tanh(theta_p) / (2 - eps) + 0.5``  (shape C x H x W)
-* stamped input ``x' = (1 - m) * x + m * p``       (pixels in [0, 1], no normalisation)
-* loss per task ``CE(f(x'), t) + cost * |m|_1``, Adam(lr=0.1, betas=(0.5, 0.9))
-* adaptive cost per task: after ``patience`` consecutive steps at/above the success threshold
-  ``cost *= cost_up``; after ``patience`` consecutive steps below it ``cost /= cost_down``
+* mask    `m = tanh(theta_m) / (2 - eps) + 0.5`  (shape 1 x H x W, shared over channels)
+* pattern `p = tanh(theta_p) / (2 - eps) + 0.5`  (shape C x H x W)
+* stamped input `x' = (1 - m) * x + m * p`       (pixels in [0, 1], no normalisation)
+* loss per task `CE(f(x'), t) + cost * |m|_1`, Adam(lr=0.1, betas=(0.5, 0.9))
+* adaptive cost per task: after `patience` consecutive steps at/above the success threshold
+  `cost *= cost_up`; after `patience` consecutive steps below it `cost /= cost_down`
 * best-so-far = smallest-L1 trigger among the successful steps; whenever it improves, the
   parameters of that task are re-initialised around it with small uniform noise (as in the
-  official code; ``reinit_noise = 0`` disables the re-initialisation).
+  official code; `reinit_noise = 0` disables the re-initialisation).
 
-``|m|_1`` is the sum of the single-channel H x W mask, i.e. the L1 norm of the channel-repeated
+`|m|_1` is the sum of the single-channel H x W mask, i.e. the L1 norm of the channel-repeated
 mask divided by the number of channels ("per-channel-normalised L1" of the reference and
-official code: ``sum(|mask.repeat(C,1,1)|) / C``).  It is *not* divided by H*W: with the
-reference's ``init_cost = 1e-3`` the regulariser is then of order 1e-3 * (number of pixels
-covered), and the size cap is ``|m|_1 > max_mask_fraction * H * W``.
+official code: `sum(|mask.repeat(C,1,1)|) / C`).  It is *not* divided by H*W: with the
+reference's `init_cost = 1e-3` the regulariser is then of order 1e-3 * (number of pixels
+covered), and the size cap is `|m|_1 > max_mask_fraction * H * W`.
 
 All K tasks are optimised together: one K x 1 x H x W mask parameter and one K x C x H x W
 pattern parameter, one forward pass over the concatenated per-task minibatches and a single
@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class InversionSettings:
     """Hyperparameters of one (batched) inversion run.
 
     Defaults are the MNIST / Fashion-MNIST values of the reference; use
-    :meth:`for_dataset` for CIFAR-10 (success threshold 0.85, size cap 1/4).
+    `for_dataset` for CIFAR-10 (success threshold 0.85, size cap 1/4).
     """
 
     steps: int = 400
@@ -73,9 +73,9 @@ class InversionSettings:
     success_threshold: float = 0.9
     """Fraction of a task's minibatch classified as its target for a step to count as success."""
     max_mask_fraction: float = 1.0 / 8.0
-    """Triggers with ``|m|_1 > max_mask_fraction * H * W`` are discarded (empty trigger)."""
+    """Triggers with `|m|_1 > max_mask_fraction * H * W` are discarded (empty trigger)."""
     epsilon: float = 1e-7
-    """The ``eps`` of the tanh parametrisation ``tanh(theta)/(2-eps)+0.5``."""
+    """The `eps` of the tanh parametrisation `tanh(theta)/(2-eps)+0.5`."""
     batch_size: int = 64
     """Images per task per step; a task with at most this many images uses all of them
     every step (full batch, as the official code does for its small per-pair sets)."""
@@ -89,10 +89,10 @@ class InversionSettings:
     """Chunk size of the final no-grad attack-success evaluation."""
 
     @classmethod
-    def for_dataset(cls, dataset: str, **overrides) -> "InversionSettings":
-        """Reference settings for ``mnist``, ``fashion_mnist`` / ``fmnist`` or ``cifar10``.
+    def for_dataset(cls, dataset: str, **overrides) -> InversionSettings:
+        """Reference settings for `mnist`, `fashion_mnist` / `fmnist` or `cifar10`.
 
-        ``steps`` is the warm-up (universal) value; pass ``steps=200`` (F-MNIST 400) for the
+        `steps` is the warm-up (universal) value; pass `steps=200` (F-MNIST 400) for the
         pair inversions.
         """
         key = dataset.lower().replace("-", "_")
@@ -109,21 +109,21 @@ class InversionSettings:
 
 @dataclass
 class InversionResult:
-    """Per-task outcome of :func:`invert_triggers` (all tensors on CPU).
+    """Per-task outcome of `invert_triggers` (all tensors on CPU).
 
-    * ``masks`` (K x 1 x H x W), ``patterns`` (K x C x H x W): the best trigger of each
-      successful task; all zeros where ``success`` is False (empty trigger).
-    * ``success`` (K bool): some step reached the success threshold AND the best trigger is
+    * `masks` (K x 1 x H x W), `patterns` (K x C x H x W): the best trigger of each
+      successful task; all zeros where `success` is False (empty trigger).
+    * `success` (K bool): some step reached the success threshold AND the best trigger is
       within the size cap.
-    * ``mask_l1`` (K float): ``|m|_1`` of the best successful trigger, *also* when it was
-      discarded for exceeding the cap (so callers can record sizes); ``inf`` if no step ever
+    * `mask_l1` (K float): `|m|_1` of the best successful trigger, *also* when it was
+      discarded for exceeding the cap (so callers can record sizes); `inf` if no step ever
       reached the threshold.
-    * ``attack_success_rate`` (K float): fraction of ALL the task's images classified as the
+    * `attack_success_rate` (K float): fraction of ALL the task's images classified as the
       target when stamped with the best trigger (before the size cap is applied; for tasks
       that never succeeded, with the final iterate, to show how close they got); 0 for tasks
       without images.
-    * ``oversized`` (K bool): a successful trigger existed but exceeded the cap.
-    * ``final_cost`` (K float): the cost coefficient at the end of the run.
+    * `oversized` (K bool): a successful trigger existed but exceeded the cap.
+    * `final_cost` (K float): the cost coefficient at the end of the run.
     """
 
     masks: Tensor
@@ -139,7 +139,7 @@ class InversionResult:
 
 
 def stamp(x: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
-    """Pure trigger stamping ``(1 - mask) * x + mask * pattern`` (broadcasting, no clipping)."""
+    """Pure trigger stamping `(1 - mask) * x + mask * pattern` (broadcasting, no clipping)."""
     return (1.0 - mask) * x + mask * pattern
 
 
@@ -149,12 +149,13 @@ def universal_tasks(
     per_class: int,
     generator: torch.Generator | None = None,
 ) -> list[Task]:
-    """One task per target ``t`` in ``range(num_classes)``: sources = up to ``per_class``
-    images of every class ``!= t`` present in ``images_by_class``.
+    """One task per target `t` in `range(num_classes)`.
 
-    Images are the first ``per_class`` of each class, or a random subset when a
-    ``generator`` is given.  A target whose only available class is itself gets a task with
-    zero images (it is reported as unsuccessful by :func:`invert_triggers`).
+    Sources: up to `per_class` images of every class `!= t` present in `images_by_class`.
+
+    Images are the first `per_class` of each class, or a random subset when a
+    `generator` is given.  A target whose only available class is itself gets a task with
+    zero images (it is reported as unsuccessful by `invert_triggers`).
     """
     chosen: dict[int, Tensor] = {}
     shape = None
@@ -181,7 +182,7 @@ def universal_tasks(
 
 
 def _to_param(v: Tensor, eps: float) -> Tensor:
-    """Inverse of ``tanh(theta)/(2-eps)+0.5`` for values in [0, 1] (clipped)."""
+    """Inverse of `tanh(theta)/(2-eps)+0.5` for values in [0, 1] (clipped)."""
     u = (v.clamp(0.0, 1.0) - 0.5) * (2.0 - eps)
     return torch.atanh(u.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
 
@@ -207,20 +208,21 @@ def invert_triggers(
 
     Args:
         model: classifier taking [N, C, H, W] images in [0, 1]. It is put in eval mode with
-            ``requires_grad=False`` on its parameters during the run; its mode and
-            ``requires_grad`` flags are restored afterwards. Its weights are never changed.
-        tasks: sequence of ``(source_images [n_i, C, H, W], target_class)``.  Symmetric or
+            `requires_grad=False` on its parameters during the run; its mode and
+            `requires_grad` flags are restored afterwards. Its weights are never changed.
+        tasks: sequence of `(source_images [n_i, C, H, W], target_class)`.  Symmetric or
             asymmetric pair inversion = two / one task(s); universal = see
-            :func:`universal_tasks`.
-        settings: hyperparameters (default :class:`InversionSettings`).
-        generator: CPU ``torch.Generator`` for initialisation, minibatch draws and
+            `universal_tasks`.
+        settings: hyperparameters (default `InversionSettings`).
+        generator: CPU `torch.Generator` for initialisation, minibatch draws and
             re-initialisation noise (default: seeded from the global torch RNG).
-        init_masks / init_patterns: optional warm start in [0, 1] space (K x 1 x H x W /
-            K x C x H x W), e.g. cached triggers. Rows that are all zero or contain NaN get
-            the neutral random initialisation instead.
+        init_masks: optional warm start of the masks in [0, 1] space (K x 1 x H x W), e.g.
+            cached triggers. Rows that are all zero or contain NaN get the neutral random
+            initialisation instead.
+        init_patterns: the same for the patterns (K x C x H x W).
 
     Returns:
-        :class:`InversionResult` (CPU tensors).
+        `InversionResult` (CPU tensors).
     """
     s = settings or InversionSettings()
     if len(tasks) == 0:
