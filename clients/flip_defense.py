@@ -38,11 +38,13 @@ from clients.benign import BenignClient
 from flip_fl.defenses.flip.hardening import UNIVERSAL, TriggerCache, harden_batch
 from flip_fl.defenses.flip.inversion import InversionSettings, invert_triggers, universal_tasks
 from flip_fl.federation.client import ClientState, FitResult, RoundInfo, StateDict
+from flip_fl.seeds import ClientStream
 from flip_fl.training import batch_indices, state_on_cpu
 
 CACHE_PREFIX = "flip/"
 MIN_CLASS_IMAGES = 2  # a class takes part in a batch's inversion only with at least this many images (official: > 1)
-STREAM_BATCHES, STREAM_INVERT, STREAM_STAMP, STREAM_PAIRS = 0, 1, 2, 3
+STREAM_BATCHES, STREAM_INVERT, STREAM_STAMP, STREAM_PAIRS = (ClientStream.BATCHES, ClientStream.INVERT,
+                                                            ClientStream.STAMP, ClientStream.PAIRS)
 
 Direction = tuple[int, int]
 Trigger = tuple[torch.Tensor, torch.Tensor]
@@ -60,6 +62,7 @@ class FlipDefenseClient(BenignClient):
     """
 
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
+        """Warm up or refresh the triggers, then harden the global model (plain training without `flip.harden`)."""
         if not self.cfg.flip.harden:
             return super().fit(global_state, info)
         model = self.model_from(global_state)
@@ -78,7 +81,7 @@ class FlipDefenseClient(BenignClient):
             stats["flip_refresh" if refresh else "flip_warmup"] = 1.0
             stats["invert_seconds"] += time.perf_counter() - start
         loss_sum = self.harden(model, cache, info, inv_gen, stats, universal if self.cfg.flip.universal_batches else [])
-        steps = stats["flip_batches_trained"]
+        steps = stats["flip_batches_trained"]  # type: ignore[assignment]
         self.save_cache(cache)
         return FitResult(state_on_cpu(model), len(self.data),
                          {**stats, "train_loss": loss_sum / max(steps, 1.0), "train_steps": steps})

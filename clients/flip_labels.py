@@ -48,12 +48,13 @@ class FlipLabelClient(BenignClient):
             return np.load(self.cfg.labels.label_file)[client_indices(self.cfg, self.partition_id)]
         cache = self.workdir / "flip_labels.npy"
         if not cache.is_file():
-            labels = local_flip_labels(self.cfg, self.data, self.workdir / "flip_pipeline")
+            labels = local_flip_labels(self.cfg, self.data, self.workdir / "flip_pipeline", self.device)
             cache.parent.mkdir(parents=True, exist_ok=True)
             np.save(cache, labels)
         return np.load(cache)
 
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
+        """In attack rounds, train on the local images under the FLIP labels; otherwise like a benign client."""
         if not info.attacking:
             return super().fit(global_state, info)
         labels = torch.from_numpy(self.flip_labels().astype(np.int64))

@@ -11,19 +11,11 @@ from typing import ClassVar
 import torch
 
 from clients.benign import BenignClient
-from flip_fl.attacks.poisoning import (
-    model_replacement_scale,
-    num_poison_for_batch,
-    poison_batch,
-    project_l2,
-    scale_update,
-    update_norm,
-)
+from flip_fl.attacks import poisoning
 from flip_fl.attacks.triggers import build_trigger
-from flip_fl.config import Config
-from flip_fl.config.schema import ConfigError
+from flip_fl.config import Config, ConfigError
 from flip_fl.federation.client import FitResult, RoundInfo, StateDict
-from flip_fl.training import sgd, state_on_cpu, train_epochs
+from flip_fl.training import AfterStep, sgd, state_on_cpu, train_epochs
 
 
 class PoisonClient(BenignClient):
@@ -48,6 +40,7 @@ class PoisonClient(BenignClient):
                               "use clients.NormBoundedClient or remove attack.norm_bound")
 
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
+        """In attack rounds, train with the poisoned batches and the attacker's optimiser; otherwise honestly."""
         if not info.attacking:
             return super().fit(global_state, info)
         a, c = self.cfg.attack, self.cfg.client
@@ -58,12 +51,12 @@ class PoisonClient(BenignClient):
         milestones = sorted({max(1, round(m * epochs)) for m in a.lr_milestones})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, a.lr_gamma)
         trigger = build_trigger(a, self.data.image_shape)
-        distributed = trigger.num_pieces > 1 and info.attacker_index is not None
-        piece = info.attacker_index % trigger.num_pieces if distributed else None
+        index = info.attacker_index
+        piece = index % trigger.num_pieces if trigger.num_pieces > 1 and index is not None else None
 
         def poison(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            k = num_poison_for_batch(len(x), fraction=a.poison_fraction)
-            return poison_batch(x, y, trigger, a.target_label, k, piece, a.source_label)
+            k = poisoning.num_poison_for_batch(len(x), fraction=a.poison_fraction)
+            return poisoning.poison_batch(x, y, trigger, a.target_label, k, piece, a.source_label)
 
         metrics = train_epochs(model, self.data, optimizer, epochs=epochs, batch_size=c.batch_size,
                                device=self.device, generator=self.generator(info.server_round),
@@ -71,10 +64,10 @@ class PoisonClient(BenignClient):
                                after_step=self.step_hook(global_state, model))
         state = self.finalize(global_state, state_on_cpu(model), info)
         return FitResult(state, len(self.data),
-                         {**metrics, "attacked": 1.0, "update_norm": update_norm(global_state, state)})
+                         {**metrics, "attacked": 1.0, "update_norm": poisoning.update_norm(global_state, state)})
 
-    def step_hook(self, global_state: StateDict, model: torch.nn.Module):
-        """Called after each optimiser step (none for plain poisoning)."""
+    def step_hook(self, global_state: StateDict, model: torch.nn.Module) -> AfterStep | None:
+        """Called after each optimiser step with (step, loss) (none for plain poisoning)."""
         return None
 
     def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
@@ -93,10 +86,11 @@ class ModelReplacementClient(PoisonClient):
     scales_update = True
 
     def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
+        """Scale the update by gamma (`attack.scale`, or clients per round / server lr for `auto`)."""
         gamma = self.cfg.attack.scale
         if gamma == "auto":
-            gamma = model_replacement_scale(self.cfg.federation.clients_per_round, self.cfg.server.lr)
-        return scale_update(global_state, local_state, float(gamma))
+            gamma = poisoning.model_replacement_scale(self.cfg.federation.clients_per_round, self.cfg.server.lr)
+        return poisoning.scale_update(global_state, local_state, float(gamma))
 
 
 class NormBoundedClient(PoisonClient):
@@ -110,26 +104,30 @@ class NormBoundedClient(PoisonClient):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        """The norm bound is required."""
         super().check_config(cfg)
         if cfg.attack.norm_bound is None:
             raise ConfigError("attack.norm_bound: required by clients.NormBoundedClient (the L2 radius eps)")
 
-    def step_hook(self, global_state: StateDict, model: torch.nn.Module):
+    def step_hook(self, global_state: StateDict, model: torch.nn.Module) -> AfterStep | None:
+        """Project the model onto the ball every `attack.project_every` steps."""
         eps, every = self.cfg.attack.norm_bound, self.cfg.attack.project_every
+        assert eps is not None  # check_config
         reference = {k: v.to(self.device) for k, v in global_state.items()}
 
-        def project(step: int) -> None:
+        def project(step: int, loss: float) -> None:
             if step % every == 0:
                 with torch.no_grad():
-                    model.load_state_dict(project_l2(reference, model.state_dict(), eps))
+                    model.load_state_dict(poisoning.project_l2(reference, model.state_dict(), eps))
 
         return project
 
     def finalize(self, global_state: StateDict, local_state: StateDict, info: RoundInfo) -> StateDict:
         """Project onto the ball; float32 rounding can leave the norm a hair above eps, so shrink until it is not."""
         eps, margin = self.cfg.attack.norm_bound, 1e-6
-        state = project_l2(global_state, local_state, eps)
-        while update_norm(global_state, state) > eps:
-            state = project_l2(global_state, local_state, eps * max(1.0 - margin, 0.0))
+        assert eps is not None  # check_config
+        state = poisoning.project_l2(global_state, local_state, eps)
+        while poisoning.update_norm(global_state, state) > eps:
+            state = poisoning.project_l2(global_state, local_state, eps * max(1.0 - margin, 0.0))
             margin *= 10
         return state

@@ -1,4 +1,4 @@
-"""Model registry: one factory by name (`create_model`), consistent constructor arguments.
+"""The model architectures, registered by name (`flip_fl.registry.MODELS`), and one factory (`create_model`).
 
 Every model takes images in [0, 1] and normalises them inside (non-persistent buffers, so the
 statistics are not part of the state_dict and never aggregated), so triggers live in pixel space.
@@ -6,18 +6,22 @@ statistics are not part of the state_dict and never aggregated), so triggers liv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flip_fl.config import ModelConfig
-from flip_fl.data import ImageDataset
+from flip_fl.data.dataset import ImageDataset
+from flip_fl.registry import MODELS
 
 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std with the statistics kept out of the state_dict."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -25,40 +29,41 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a batch of images in [0, 1]."""
         return (x - self.mean) / self.std
 
 
-class TinyCNN(nn.Module):
+class _TwoConvNet(nn.Module):
+    """conv-ReLU-pool, conv-ReLU-pool, fc-ReLU, fc: the layout shared by TinyCNN and MnistCNN."""
+
+    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc1, self.fc2 = conv1, conv2, fc1, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+@MODELS.register("tiny_cnn")
+class TinyCNN(_TwoConvNet):
     """Two 3x3 conv layers and a small classifier: fast enough for CPU tests and quickstarts."""
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * (image_size // 4) ** 2, 64)
-        self.fc2 = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        super().__init__(nn.Conv2d(in_channels, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.Linear(32 * (image_size // 4) ** 2, 64), nn.Linear(64, num_classes))
 
 
-class MnistCNN(nn.Module):
+@MODELS.register("mnist_cnn")
+class MnistCNN(_TwoConvNet):
     """conv(1->20,5)-pool-conv(20->50,5)-pool-fc(800->500)-fc(500->10), as in the FLIP defense code."""
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
         side = ((image_size - 4) // 2 - 4) // 2
-        self.fc1 = nn.Linear(50 * side * side, 500)
-        self.fc2 = nn.Linear(500, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        super().__init__(nn.Conv2d(in_channels, 20, 5), nn.Conv2d(20, 50, 5), nn.Linear(50 * side * side, 500),
+                         nn.Linear(500, num_classes))
 
 
 class BasicBlock(nn.Module):
@@ -75,6 +80,7 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output."""
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -95,27 +101,20 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images."""
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+@MODELS.register("resnet18")
 def _resnet18(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
     widths = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
     return CifarResNet(num_classes, in_channels, widths, [2, 2, 2, 2])
 
 
+@MODELS.register("resnet32")
 def _resnet32(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return CifarResNet(num_classes, in_channels, [16, 32, 64], [5, 5, 5])
-
-
-ModelFactory = Callable[..., nn.Module]
-
-MODELS: dict[str, ModelFactory] = {
-    "tiny_cnn": TinyCNN,
-    "mnist_cnn": MnistCNN,
-    "resnet18": _resnet18,
-    "resnet32": _resnet32,
-}
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
@@ -125,13 +124,10 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
 
     `options` pass through to the architecture (e.g. `width` for resnet18).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    net = MODELS[name](num_classes, in_channels, image_size, **options)
+    net = MODELS.lookup(name)(num_classes, in_channels, image_size, **options)
     mean = [0.0] * in_channels if mean is None else list(mean)
     std = [1.0] * in_channels if std is None else list(std)
     return nn.Sequential(Normalize(mean, std), net)
-
 
 
 def build_model(model_cfg: ModelConfig, data: ImageDataset) -> nn.Module:

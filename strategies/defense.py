@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from flip_fl.config import Config, max_attackers_per_round
 from flip_fl.defenses.common import AggregationOutcome
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
 from flip_fl.evaluation.detection import detection_scores
+from flip_fl.registry import DEFENSES
+from flip_fl.seeds import DEFENSE_NOISE, numpy_rng
 from strategies.seeded_fedavg import SeededFedAvg, arrays_to_numpy, numpy_to_arrays
 
 
@@ -40,11 +41,6 @@ class Decision:
     kept: np.ndarray | None = None
     scales: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def assumed_malicious(cfg: Config) -> int:
-    """F for Krum, Multi-Krum and Bulyan: defense.num_malicious, or the most attackers due in one round."""
-    return cfg.defense.num_malicious if cfg.defense.num_malicious is not None else max_attackers_per_round(cfg)
 
 
 def _json_scalar(value: Any) -> Any:
@@ -78,15 +74,18 @@ def detection_fields(clients: list[int], attacking: list[int], decision: Decisio
     return out
 
 
+@DEFENSES.register("fedavg")
 class DefenseStrategy(SeededFedAvg):
     """SeededFedAvg plus timing and detection metrics; subclasses supply `aggregate_rule`.
 
-    Plain FedAvg is this class itself: Flower's (weighted) mean, no decision.
+    Plain FedAvg is this class itself: Flower's (weighted) mean, no decision. Constructor arguments are
+    those of `SeededFedAvg`; each defense adds its own keyword arguments.
     """
 
     name: ClassVar[str] = "fedavg"
 
     def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Time the rule and record its decision as detection metrics of the round."""
         record = self.rounds[server_round]
         clients = [self.partition_of[m.metadata.src_node_id] for m in replies]
         evidence = self.collect_evidence(replies)
@@ -118,7 +117,7 @@ class DefenseStrategy(SeededFedAvg):
     def client_updates(self, replies: list[Message]) -> np.ndarray:
         """The float64 update matrix (n_clients, d), entries in the global state's key order."""
         keys = list(self.global_state)
-        states = [arrays_to_numpy(m.content[self.arrayrecord_key]) for m in replies]
+        states = [arrays_to_numpy(m.content.array_records[self.arrayrecord_key]) for m in replies]
         return flatten_state(states, keys) - flatten_state([self.global_state], keys)[0]
 
     def model_from_delta(self, delta: np.ndarray) -> ArrayRecord:
@@ -134,7 +133,7 @@ class DefenseStrategy(SeededFedAvg):
 
     def example_weights(self, replies: list[Message]) -> np.ndarray:
         """Each reply's aggregation weight under `server.weighted` (num-examples or 1)."""
-        return np.array([float(next(iter(m.content.metric_records.values()))[self.weighted_by_key])
+        return np.array([float(cast(float, next(iter(m.content.metric_records.values()))[self.weighted_by_key]))
                          for m in replies])
 
     def train_metrics(self, replies: list[Message]) -> MetricRecord | None:
@@ -143,10 +142,21 @@ class DefenseStrategy(SeededFedAvg):
 
 
 class DeltaDefense(DefenseStrategy):
-    """A rule on the trained parameters' updates; subclasses implement `rule`."""
+    """A rule on the trained parameters' updates; subclasses implement `rule`.
+
+    Each rule sees the update matrix of the trained parameters (delta_i = local_i - global, one row per
+    sorted reply) and returns an aggregate update and per-client weights. BatchNorm statistics (running
+    mean/var, batch counters) are not updates of trained weights -- the counters alone would dominate
+    norms and cosines -- so they never enter a rule: their aggregate is the weighted mean of the clients'
+    statistics with the rule's weights (a rejected client contributes nothing). The strategy hands back
+    global + delta, so SeededFedAvg applies the same server learning rate as everywhere else:
+    global += server.lr * delta. Noise is specified as the std that reaches the global model (the rules
+    add it to the delta, hence the division by server.lr) and only touches trained parameters.
+    """
 
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        """The rule on the parameter updates; BatchNorm statistics follow the rule's client weights."""
         updates = self.client_updates(replies)
         params = self.parameter_mask()
         delta = np.zeros(updates.shape[1])
@@ -159,11 +169,14 @@ class DeltaDefense(DefenseStrategy):
         """(aggregate update, decision with per-client weights) from the parameter update matrix."""
         raise NotImplementedError
 
-    def rng(self, server_round: int) -> np.random.Generator:
-        """The noise stream of a round: same seed and round, same noise."""
-        return np.random.default_rng([self.cfg.seed, server_round, 0xDEF])
+
+
+def noise_rng(seed: int, server_round: int) -> np.random.Generator:
+    """The noise stream of a round (weak DP, FLAME): same seed and round, same noise."""
+    return numpy_rng(seed, server_round, DEFENSE_NOISE)
 
 
 def outcome_decision(outcome: AggregationOutcome, kept: bool = False, scales: bool = False) -> Decision:
+    """The decision of a numpy rule's outcome: its weights, and optionally its client-level choice and scales."""
     return Decision(weights=outcome.weights, kept=outcome.kept if kept else None,
                     scales=outcome.arrays["scale"] if scales else None, info=dict(outcome.info))

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flip_fl.config import Config
 from flip_fl.defenses.updates import apply_server_lr
+from flip_fl.federation import protocol
 from flip_fl.federation.rounds import RoundRecord, short_reason
-from flip_fl.federation.schedule import is_attack_round, malicious_ids, sample_round
+from flip_fl.federation.schedule import RoundSampler
 
 
 class RoundFailedError(RuntimeError):
@@ -33,54 +34,71 @@ def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
 class SeededFedAvg(FedAvg):
     """FedAvg whose rounds can be repeated exactly and whose update rule is `global += eta * agg_delta`.
 
-    - Sampling: `flip_fl.schedule.sample_round` (seeded, ordered by partition id, attackers forced
-      into their attack rounds when configured) instead of Flower's unseeded draw.
-    - Roles: each sampled node gets its own ConfigRecord naming its client class and attack flags.
+    - Sampling: `sampler` (`flip_fl.federation.schedule.RoundSampler`: seeded, ordered by partition id,
+      attackers forced into their attack rounds when configured) instead of Flower's unseeded draw.
+    - Roles: each sampled node gets its own ConfigRecord naming its client class and attack flags
+      (`flip_fl.federation.protocol.train_config`); `shared_config` goes to every node.
     - Aggregation: replies are sorted by partition id, failures counted (a round where every client
-      failed raises `RoundFailedError`), then `super().aggregate_train` computes the aggregate model
-      (FedAvg's mean here; Krum, median, ... in subclasses that put a Flower strategy next in the MRO)
-      and the server learning rate is applied to the difference from the global model.
-    - Weighting: by "num-examples" (server.weighted) or by "unit-weight" (a plain mean).
+      failed raises `RoundFailedError`), then `aggregate_models` computes the aggregate model
+      (FedAvg's mean here; Krum, median, ... in the defenses) and the server learning rate `server_lr`
+      is applied to the difference from the global model.
+    - Weighting: by "num-examples" (`weighted`) or by "unit-weight" (a plain mean).
+
+    Args:
+        node_partitions: node id -> partition id, from the start-up query.
+        sampler: who is sampled in each round (and who attacks when).
+        benign_client: dotted path of the benign client class.
+        malicious_client: dotted path of the malicious client class.
+        server_lr: the server learning rate eta.
+        weighted: weight client updates by their number of examples.
+        shared_config: settings every node gets in its train config (`protocol.shared_config`).
+        round_timeout: seconds a round may take (for the error message of a round without replies).
+        **kwargs: passed on to the Flower strategy next in the MRO.
     """
 
-    def __init__(self, cfg: Config, node_partitions: dict[int, int], base_config: dict[str, str],
-                 **kwargs: object) -> None:
-        kwargs.setdefault("weighted_by_key", "num-examples" if cfg.server.weighted else "unit-weight")
+    def __init__(self, *, node_partitions: Mapping[int, int], sampler: RoundSampler, benign_client: str,
+                 malicious_client: str, server_lr: float = 1.0, weighted: bool = True,
+                 shared_config: Mapping[str, str] | None = None, round_timeout: float = 1800.0,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("weighted_by_key", protocol.NUM_EXAMPLES if weighted else protocol.UNIT_WEIGHT)
         super().__init__(fraction_evaluate=0.0, min_available_nodes=len(node_partitions), **kwargs)
-        self.cfg = cfg
         self.partition_of = dict(node_partitions)
         self.node_of = {pid: node for node, pid in node_partitions.items()}
-        self.base_config = base_config
+        self.sampler = sampler
+        self.schedule = sampler.schedule
+        self.benign_client = benign_client
+        self.malicious_client = malicious_client
+        self.server_lr = server_lr
+        self.shared_config = dict(shared_config or {})
+        self.round_timeout = round_timeout
         self.rounds: dict[int, RoundRecord] = {}
         self.global_state: dict[str, np.ndarray] = {}
 
     def client_config(self, server_round: int, partition_id: int) -> ConfigRecord:
         """The per-node train config: shared settings plus this partition's role."""
-        bad = malicious_ids(self.cfg)
-        is_bad = partition_id in bad
-        return ConfigRecord({
-            **self.base_config,
-            "server-round": server_round,
-            "client-class": self.cfg.attack.client if is_bad else self.cfg.clients.benign,
-            "malicious": is_bad,
-            "attacking": is_attack_round(self.cfg, partition_id, server_round),
-            "attacker-index": bad.index(partition_id) if is_bad else -1,
-        })
+        index = self.schedule.attacker_index(partition_id)
+        info = protocol.RoundInfo(server_round=server_round, malicious=index is not None,
+                                  attacking=self.schedule.is_attack_round(partition_id, server_round),
+                                  attacker_index=index)
+        client_class = self.malicious_client if index is not None else self.benign_client
+        return protocol.train_config(self.shared_config, client_class, info)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """Sample the round's clients and send each the global model and its own train config."""
         self.global_state = arrays_to_numpy(arrays)
-        sampled = sample_round(self.cfg, server_round, sorted(self.node_of))
-        bad = set(malicious_ids(self.cfg))
+        sampled = self.sampler.sample(server_round, sorted(self.node_of))
+        bad = set(self.schedule.malicious)
         self.rounds[server_round] = RoundRecord(
             sampled=sampled, malicious=[p for p in sampled if p in bad],
-            attacking=[p for p in sampled if is_attack_round(self.cfg, p, server_round)], started=time.time())
+            attacking=[p for p in sampled if self.schedule.is_attack_round(p, server_round)], started=time.time())
         return [Message(RecordDict({self.arrayrecord_key: arrays,
                                     self.configrecord_key: self.client_config(server_round, pid)}),
                         message_type=MessageType.TRAIN, dst_node_id=self.node_of[pid]) for pid in sampled]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Count failures, aggregate the sorted replies and apply the server learning rate."""
         record = self.rounds[server_round]
         replies = list(replies)
         ok = sorted((m for m in replies if not m.has_error()), key=lambda m: self.partition_of[m.metadata.src_node_id])
@@ -88,16 +106,14 @@ class SeededFedAvg(FedAvg):
         record.failed = sorted({self.partition_of[m.metadata.src_node_id] for m in replies if m.has_error()}
                                | (set(record.sampled) - answered))
         record.failures = len(record.failed)
-        record.errors = [short_reason(m.error.reason) for m in replies if m.has_error()][:5]
+        record.errors = [short_reason(m.error.reason or "") for m in replies if m.has_error()][:5]
         if not ok:
-            timeout = self.cfg.resources.round_timeout
-            reasons = "; ".join(record.errors) or f"no reply within resources.round_timeout ({timeout:g}s)"
+            reasons = "; ".join(record.errors) or f"no reply within resources.round_timeout ({self.round_timeout:g}s)"
             raise RoundFailedError(f"round {server_round}: all {len(record.sampled)} sampled clients failed: {reasons}")
         for m in ok:
-            record.client_metrics[self.partition_of[m.metadata.src_node_id]] = {
-                k: float(v) for k, v in m.content.config_records["client-metrics"].items()}
+            record.client_metrics[self.partition_of[m.metadata.src_node_id]] = protocol.read_client_metrics(m.content)
         aggregate, metrics = self.aggregate_models(server_round, ok)
-        new_state = apply_server_lr(self.global_state, arrays_to_numpy(aggregate), self.cfg.server.lr)
+        new_state = apply_server_lr(self.global_state, arrays_to_numpy(aggregate), self.server_lr)
         return numpy_to_arrays(new_state), metrics
 
     def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:

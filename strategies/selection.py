@@ -1,12 +1,11 @@
-"""Defenses that select clients with Flower's own rules: Krum, Multi-Krum and Bulyan.
+"""Defenses that select clients: Krum, Multi-Krum and Bulyan.
 
-Flower aggregates client MODELS; Krum distances, coordinate medians and trimmed means are
-translation invariant, so on models they equal global + (the same rule on the updates).
-The Krum family selects on the trained parameters only: BatchNorm statistics (running mean/var and
-the batch counters, which differ by the number of local steps and would dominate the distances) are
-left out of what Flower sees and averaged over the selected clients afterwards.
-Detection: the selection is read from the contents Flower hands to its metrics aggregation (exactly the
-selected replies).
+The rules are the numpy functions `flip_fl.defenses.krum.krum` (with Flower's neighbour count,
+`max(1, n - f - 2)`, and no bound on f) and `flip_fl.defenses.bulyan.bulyan` (Flower's one-shot
+selection); they return which clients they selected. They see the trained parameters' updates only:
+BatchNorm statistics (running mean/var and the batch counters, which differ by the number of local steps
+and would dominate the distances) are averaged over the selected clients afterwards, with the selection's
+(example) weights.
 """
 
 from __future__ import annotations
@@ -14,93 +13,100 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from flip_fl.config import Config
-from flip_fl.defenses.updates import BN_STATISTIC_SUFFIXES
-from strategies.defense import Decision, DefenseStrategy, assumed_malicious
+from flip_fl.defenses.bulyan import bulyan
+from flip_fl.defenses.krum import krum
+from flip_fl.registry import DEFENSES
+from strategies.defense import Decision, DeltaDefense
 from strategies.seeded_fedavg import numpy_to_arrays
 
 
-class _SelectionDefense(DefenseStrategy):
-    """Records which reply contents Flower's rule selected (Krum, Multi-Krum, Bulyan)."""
+@DEFENSES.register("krum")
+class KrumDefense(DeltaDefense):
+    """Krum (Blanchard et al. 2017): the single update closest to its n - f - 2 neighbours.
 
-    def __init__(self, cfg: Config, node_partitions: dict[int, int], base_config: dict[str, str],
-                 **kwargs: Any) -> None:
-        self.num_assumed = assumed_malicious(cfg)
-        super().__init__(cfg, node_partitions, base_config, num_malicious_nodes=self.num_assumed, **kwargs)
-        self.train_metrics_aggr_fn = self._metrics_of_selected
-        self._selected: set[int] = set()
-
-    def _metrics_of_selected(self, contents: list[RecordDict], weighting_key: str) -> MetricRecord:
-        self._selected = {id(c) for c in contents}
-        return aggregate_metricrecords(contents, weighting_key)
-
-    def aggregate_rule(self, server_round: int,
-                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        stats = [k for k in self.global_state if k.rsplit(".", 1)[-1] in BN_STATISTIC_SUFFIXES]
-        views = [self._without(m, stats) for m in replies] if stats else replies
-        self._selected = set()
-        aggregate, metrics, _ = super().aggregate_rule(server_round, views)
-        kept = np.array([id(m.content) in self._selected for m in views])
-        weights = self.selection_weights(replies, kept)
-        for key in stats:
-            values = [m.content[self.arrayrecord_key][key].numpy().astype(np.float64) for m in replies]
-            aggregate[key] = Array(np.asarray(sum(w * v for w, v in zip(weights, values) if w > 0)))
-        return aggregate, metrics, Decision(weights=weights, kept=kept, info={"num_malicious": self.num_assumed})
-
-    def _without(self, reply: Message, keys: list[str]) -> Message:
-        """A view of `reply` whose model lacks `keys` (the Array objects are shared, not copied)."""
-        content = RecordDict(dict(reply.content.items()))
-        arrays = reply.content[self.arrayrecord_key]
-        content[self.arrayrecord_key] = ArrayRecord({k: v for k, v in arrays.items() if k not in keys})
-        return Message(content, metadata=reply.metadata)
-
-    def selection_weights(self, replies: list[Message], kept: np.ndarray) -> np.ndarray:
-        """Coefficients of the selected replies in Flower's (weighted) average."""
-        w = np.where(kept, self.example_weights(replies), 0.0)
-        return w / w.sum()
-
-
-class KrumDefense(_SelectionDefense, Krum):
-    """Krum (Blanchard et al. 2017): the single update closest to its n - f - 2 neighbours."""
+    Args:
+        num_malicious: f, the number of malicious clients the rule assumes.
+        **kwargs: those of `SeededFedAvg`.
+    """
 
     name = "krum"
 
+    def __init__(self, *, num_malicious: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_malicious = num_malicious
 
-class MultiKrumDefense(_SelectionDefense, MultiKrum):
-    """Multi-Krum: the (example-weighted) mean of the m lowest-scoring updates (m = n - f by default)."""
+    def num_selected(self, num_replies: int) -> int:
+        """How many updates the rule averages (one for Krum)."""
+        return 1
+
+    def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
+        """The selected updates' (example-weighted) mean; the decision names them."""
+        out = krum(updates, self.num_malicious, multi_k=self.num_selected(len(replies)),
+                   weights=self.example_weights(replies), strict=False)
+        return out.delta, Decision(weights=out.weights, kept=out.kept, info={"num_malicious": self.num_malicious})
+
+
+@DEFENSES.register("multikrum")
+class MultiKrumDefense(KrumDefense):
+    """Multi-Krum: the (example-weighted) mean of the m lowest-scoring updates (m = n - f by default).
+
+    Args:
+        num_malicious: f.
+        num_selected: m, the updates averaged; None: the round's replies minus f.
+        **kwargs: those of `SeededFedAvg`.
+    """
 
     name = "multikrum"
 
-    def aggregate_rule(self, server_round: int,
-                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        n = len(replies)
-        wanted = self.cfg.defense.multikrum_select
-        self.num_nodes_to_select = max(1, min(n, wanted if wanted is not None else n - self.num_assumed))
-        return super().aggregate_rule(server_round, replies)
+    def __init__(self, *, num_malicious: int, num_selected: int | None = None, **kwargs: Any) -> None:
+        super().__init__(num_malicious=num_malicious, **kwargs)
+        self.wanted = num_selected
+
+    def num_selected(self, num_replies: int) -> int:
+        """m, clipped to the replies of the round."""
+        m = self.wanted if self.wanted is not None else num_replies - self.num_malicious
+        return max(1, min(num_replies, m))
 
 
-class BulyanDefense(_SelectionDefense, Bulyan):
+@DEFENSES.register("bulyan")
+class BulyanDefense(DeltaDefense):
     """Bulyan (El Mhamdi et al. 2018) as Flower implements it.
 
-    One-shot Multi-Krum selection of theta = n - 2f updates, then per coordinate the mean of the beta = theta
-    - 2f values closest to the median. A round with fewer than 4f + 3 replies (client failures) keeps the
-    global model.
+    One-shot Multi-Krum selection of theta = n - 2f updates, then per coordinate the mean of the
+    beta = theta - 2f values closest to the median. A round with fewer than 4f + 3 replies (client
+    failures) keeps the global model.
+
+    Args:
+        num_malicious: f.
+        **kwargs: those of `SeededFedAvg`.
     """
 
     name = "bulyan"
 
+    def __init__(self, *, num_malicious: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_malicious = num_malicious
+
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        if len(replies) < 4 * self.num_assumed + 3:
+        """Bulyan on the updates, or the global model when too few clients replied."""
+        if len(replies) < 4 * self.num_malicious + 3:
             kept = np.zeros(len(replies), dtype=bool)
             return (numpy_to_arrays(self.global_state), self.train_metrics(replies),
-                    Decision(kept=kept, info={"num_malicious": self.num_assumed, "skipped": True}))
+                    Decision(kept=kept, info={"num_malicious": self.num_malicious, "skipped": True}))
         aggregate, metrics, decision = super().aggregate_rule(server_round, replies)
         assert decision is not None
         decision.weights = None  # coordinate-wise on the theta selected: `kept` is the client-level decision
-        decision.info["skipped"] = False
         return aggregate, metrics, decision
+
+    def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
+        """Bulyan's update.
+
+        The decision's weights (the selected clients' example weights) average the BatchNorm statistics.
+        """
+        out = bulyan(updates, self.num_malicious)
+        weights = np.where(out.kept, self.example_weights(replies), 0.0)
+        return out.delta, Decision(weights=weights / weights.sum(), kept=out.kept,
+                                   info={"num_malicious": self.num_malicious, "skipped": False})

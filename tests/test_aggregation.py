@@ -54,7 +54,7 @@ def test_state_conversions_keep_zero_dimensional_entries():
     from flwr.app import Context, RecordDict
 
     from flip_fl.federation.client import ClientState
-    from flip_fl.federation.client_app import read_state, write_state
+    from flip_fl.federation.protocol import read_state, write_state
     from flip_fl.models import create_model
     from strategies.seeded_fedavg import arrays_to_numpy, numpy_to_arrays
 

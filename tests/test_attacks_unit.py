@@ -14,12 +14,11 @@ import sim
 from clients import BenignClient, ModelReplacementClient, NormBoundedClient, PoisonClient
 from flip_fl.attacks.poisoning import model_replacement_scale, update_norm
 from flip_fl.attacks.triggers import build_trigger
-from flip_fl.config import Config, ConfigError, load_config
+from flip_fl.config import Config, ConfigError, attack_schedule, load_config
 from flip_fl.data import client_dataset, load_datasets
 from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.federation.client import ClientState, RoundInfo
-from flip_fl.federation.schedule import attack_rounds, malicious_ids
 from flip_fl.models import build_model
 from tests.reference_rules import weighted_mean
 from tests.tiny import tiny_config
@@ -289,13 +288,13 @@ def test_paper_config_matches_the_setup_table(name):
         0.1, 0.9, 5e-4, 64, epochs)
     assert (c.server.lr, c.server.weighted, c.server.initial_model) == (0.1, False, f"runs/{name}_clean/final_model.pt")
     a = c.attack
-    assert (a.client, len(malicious_ids(c)), a.target_label, a.trigger, a.trigger_args) == (
+    assert (a.client, len(attack_schedule(c).malicious), a.target_label, a.trigger, a.trigger_args) == (
         "clients.PoisonClient", 4, 2, "dba", {})
     assert a.poison_fraction * 64 == poisoned
     assert (a.lr, a.momentum, a.weight_decay) == (0.05, 0.9, 5e-4)
     assert (a.local_epochs, a.lr_milestones) == (attack_epochs, milestones)
     assert (a.mode, a.force_sampled) == ("continuous", True)
-    assert all(attack_rounds(c, i) == set(range(1, rounds + 1)) for i in range(4))
+    assert all(attack_schedule(c).attack_rounds(i) == set(range(1, rounds + 1)) for i in range(4))
     trigger = build_trigger(a, shape)
     for piece, (row, first, last) in enumerate(lines):
         expected = torch.zeros(shape[1:], dtype=torch.bool)
@@ -309,12 +308,12 @@ def test_paper_config_matches_the_setup_table(name):
 def test_paper_single_shot_switch_and_clean_step(name):
     rounds = PAPER[name][8]
     c = load_config(f"configs/{name}.yaml", [*SINGLE_SHOT, f"attack.rounds={rounds}"])
-    assert [attack_rounds(c, i) for i in range(4)] == [{r} for r in rounds]
+    assert [attack_schedule(c).attack_rounds(i) for i in range(4)] == [{r} for r in rounds]
     assert model_replacement_scale(c.federation.clients_per_round, c.server.lr) == c.attack.scale == 100
     ModelReplacementClient.check_config(c)
     clean = load_config(f"configs/{name}.yaml", ["attack.num_malicious=0", "server.initial_model=null",
                                                  "federation.num_rounds=10"])
-    assert malicious_ids(clean) == [] and clean.server.initial_model is None
+    assert attack_schedule(clean).malicious == [] and clean.server.initial_model is None
 
 
 def test_paper_config_without_data_fails_naming_data_root(capsys, tmp_path):
@@ -329,5 +328,5 @@ def test_synthetic_demo_configs_validate(name):
     c = load_config(f"configs/{name}.yaml")
     assert c.data.name == "synthetic" and c.attack.trigger == "dba"
     if name == "synthetic_single_shot":
-        assert [attack_rounds(c, i) for i in range(4)] == [{2}, {4}, {6}, {8}]
+        assert [attack_schedule(c).attack_rounds(i) for i in range(4)] == [{2}, {4}, {6}, {8}]
         assert model_replacement_scale(c.federation.clients_per_round, c.server.lr) == 100

@@ -22,7 +22,7 @@ from flip_fl.data import client_dataset, load_datasets
 from flip_fl.defenses.flip.hardening import UNIVERSAL, TriggerCache
 from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.federation.client import ClientState, RoundInfo
-from flip_fl.federation.client_app import read_state, write_state
+from flip_fl.federation.protocol import read_state, write_state
 from flip_fl.models import build_model
 from flip_fl.training import sgd, train_epochs
 from tests.tiny import tiny_config

@@ -72,7 +72,8 @@ def num_poison_for_batch(
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         return min(int(count), int(batch_size))
-    if not 0.0 <= fraction <= 1.0:  # type: ignore[operator]
+    assert fraction is not None  # exactly one of the two is given
+    if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     # the 1e-9 absorbs float error such as 0.1 * 25 = 2.5000000000000004 vs 2.4999999999999996
     return min(int(math.floor(fraction * batch_size + 0.5 + 1e-9)), int(batch_size))

@@ -5,7 +5,7 @@ image is accepted too). `apply` never modifies its input: it returns a new tenso
 dtype and device, clipped to [0, 1]. A trigger is bound at creation to one image shape
 `(C, H, W)`; its defaults and geometry checks depend on it.
 
-Triggers (`TRIGGERS`; build them with `create_trigger(name, image_shape, **kwargs)`):
+Triggers (registered in `flip_fl.registry.TRIGGERS`; build them with `create_trigger(name, image_shape, **kwargs)`):
 
 - `pixel_pattern`  BadNets square/rectangular patch.
 - `dba`            Distributed Backdoor Attack (Xie et al., ICLR 2020): a global trigger made of
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from flip_fl.config import AttackConfig, ConfigError
+from flip_fl.registry import TRIGGERS
 
 __all__ = [
     "Trigger",
@@ -78,7 +79,7 @@ def _check_image_shape(image_shape: Any) -> tuple[int, int, int]:
         raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -515,17 +516,8 @@ class FixedPixelsTrigger(_MaskedPatternTrigger):
 # --------------------------------------------------------------------------------------------
 # registry and factory
 
-TRIGGERS: dict[str, type[Trigger]] = {
-    cls.name: cls
-    for cls in (
-        PixelPatternTrigger,
-        DBATrigger,
-        BlendedTrigger,
-        SinusoidalTrigger,
-        TurnerTrigger,
-        FixedPixelsTrigger,
-    )
-}
+for _cls in (PixelPatternTrigger, DBATrigger, BlendedTrigger, SinusoidalTrigger, TurnerTrigger, FixedPixelsTrigger):
+    TRIGGERS.add(_cls.name, _cls)
 
 
 def trigger_params(name: str) -> list[str]:

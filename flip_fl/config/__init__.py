@@ -4,9 +4,17 @@
 - `schema`: the generic typed-dataclass loader (unknown keys, types, ranges) and `ConfigError`;
 - `loading`: YAML files, `--set key.path=value` overrides, `load_config`;
 - `validation`: rules across keys (impossible combinations are errors);
+- `derived`: facts several layers need (the attack schedule, the round sampler, f for defenses);
 - `reference`: `docs/CONFIG.md`, generated from the sections.
 """
 
+from flip_fl.config.derived import (
+                                    assumed_malicious,
+                                    attack_schedule,
+                                    max_attackers_per_round,
+                                    num_attackers,
+                                    round_sampler,
+)
 from flip_fl.config.loading import (
                                     apply_overrides,
                                     config_from_dict,
@@ -33,11 +41,12 @@ from flip_fl.config.sections import (
                                     ServerConfig,
                                     SyntheticConfig,
 )
-from flip_fl.config.validation import NUM_CLASSES, max_attackers_per_round, num_attackers, validate, validate_labels
+from flip_fl.config.validation import NUM_CLASSES, validate, validate_labels
 
 __all__ = [
     "AttackConfig", "ClientConfig", "ClientRolesConfig", "Config", "ConfigError", "DataConfig", "DefenseConfig",
     "FederationConfig", "FlipConfig", "LabelsConfig", "ModelConfig", "NUM_CLASSES", "ResourcesConfig", "ServerConfig",
     "SyntheticConfig", "apply_overrides", "config_from_dict", "config_reference_markdown", "from_yaml", "load_config",
     "max_attackers_per_round", "num_attackers", "parse_override", "read_yaml", "to_yaml", "validate", "validate_labels",
+    "assumed_malicious", "attack_schedule", "round_sampler",
 ]

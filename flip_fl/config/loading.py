@@ -22,21 +22,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {path}: value {text!r} is not valid YAML ({err.problem})") from None
+        raise ConfigError(f"--set {path}: value {text!r} is not valid YAML ({getattr(err, 'problem', err)})") from None
     return path.split("."), value
+
+
+def set_key_path(raw: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """Write `value` at the dotted key `path` of a raw config mapping, creating sections on the way.
+
+    Errors name `where` the path came from (e.g. `--set defense.name` or `grid defense.name`).
+    """
+    parts = path.split(".")
+    if not path or any(not p for p in parts):
+        raise ConfigError(f"{where}: {path!r} is not a key path like defense.name")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is not a section")
+    node[parts[-1]] = value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Write each `key.path=value` into the raw mapping (validation happens afterwards)."""
     for item in overrides:
         parts, value = parse_override(item)
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        path = ".".join(parts)
+        set_key_path(raw, path, value, f"--set {path}")
     return raw
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 
@@ -19,9 +20,13 @@ class ConfigError(ValueError):
 
 
 def key(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None) -> Any:
-    """Declare a config key: its default, its documentation line and an optional numeric range."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
+        le: float | None = None, lt: float | None = None, choices: Sequence[str] | None = None) -> Any:
+    """Declare a config key: its default, its documentation line, an optional numeric range or choices.
+
+    `choices` limits a string key to those names (e.g. a registry's, `flip_fl.registry`) and documents them
+    as its type, exactly as a `Literal` of them would.
+    """
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -32,10 +37,14 @@ def section(cls: type, doc: str) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"doc": doc, "section": True})
 
 
+def _choices_name(choices: Sequence[Any]) -> str:
+    return " | ".join(repr(a) for a in choices)
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+        return _choices_name(get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin in (list, dict):
@@ -49,7 +58,7 @@ def _check_value(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {_type_name(tp)}")
+        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {_choices_name(get_args(tp))}")
     if origin in (Union, types.UnionType):
         for option in get_args(tp):
             try:
@@ -93,6 +102,12 @@ def _check_value(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
 
 
+def _check_choices(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {_choices_name(choices)}")
+
+
 def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
@@ -126,6 +141,7 @@ def load_section(cls: type, raw: Any, path: str) -> Any:
             values[name] = load_section(hints[name], raw.get(name), child)
         elif name in raw:
             value = _check_value(raw[name], hints[name], child)
+            _check_choices(value, field.metadata, child)
             _check_range(value, field.metadata, child)
             values[name] = value
     return cls(**values)
@@ -146,9 +162,11 @@ def document(cls: type, path: str = "") -> list[tuple[str, str, str, str]]:
             rows.append((child, "section", "", field.metadata["doc"]))
             rows.extend(document(hints[field.name], child))
             continue
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        default = field.default_factory() if callable(field.default_factory) else field.default
         bounds = [f"{s} {field.metadata[n]}" for n, s in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                   if field.metadata.get(n) is not None]
         doc = field.metadata["doc"] + (f" Range: {', '.join(bounds)}." if bounds else "")
-        rows.append((child, _type_name(hints[field.name]), repr(default) if default is not None else "null", doc))
+        choices = field.metadata.get("choices")
+        tp = _choices_name(choices) if choices else _type_name(hints[field.name])
+        rows.append((child, tp, repr(default) if default is not None else "null", doc))
     return rows

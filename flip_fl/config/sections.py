@@ -10,13 +10,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flip_fl.config.schema import key, section
+from flip_fl.registry import DATASETS, DEFENSES, MODELS, TRIGGERS
 
-DatasetName = Literal["synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100"]
-ModelName = Literal["tiny_cnn", "mnist_cnn", "resnet18", "resnet32"]
+
+def client_class_key(default: str, role: str) -> Any:
+    """A key naming a client class by dotted path."""
+    return key(default, f"Dotted path of the {role} client class (must subclass flip_fl.federation.client.BaseClient).")
 
 
 @dataclass
 class SyntheticConfig:
+    """data.synthetic: the built-in synthetic dataset."""
+
     channels: int = key(1, "Image channels of the synthetic dataset (1 or 3).", ge=1, le=3)
     image_size: int = key(28, "Height and width of the synthetic images (28 or 32 match MNIST/CIFAR).", ge=16, le=64)
     train_size: int = key(6000, "Number of synthetic training images.", ge=10)
@@ -26,9 +31,12 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: DatasetName = key(
+    """data: dataset and partitioning."""
+
+    name: str = key(
         "synthetic",
-        "Dataset: synthetic (offline, built in), mnist, fashion_mnist, cifar10, cifar100.",
+        "Dataset: synthetic (offline, built in) or a torchvision dataset read from data.root.",
+        choices=DATASETS.names,
     )
     root: str = key("data", "Directory holding the torchvision dataset files (relative to the working directory).")
     download: bool = key(False, "Let torchvision download missing files into data.root (needs internet).")
@@ -39,12 +47,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: ModelName = key("tiny_cnn", "Model architecture from the registry in flip_fl/models.py.")
+    """model: the architecture."""
+
+    name: str = key("tiny_cnn", "Model architecture (flip_fl/models.py).", choices=MODELS.names)
     width: float = key(1.0, "Width multiplier of resnet18 (the FLIP defense paper uses 0.5).", gt=0.0)
 
 
 @dataclass
 class FederationConfig:
+    """federation: clients and rounds."""
+
     num_clients: int = key(20, "Number of clients (Flower supernodes), one data partition each.", ge=1)
     clients_per_round: int = key(10, "Clients sampled per round.", ge=1)
     num_rounds: int = key(5, "Federated rounds to run.", ge=1)
@@ -52,14 +64,15 @@ class FederationConfig:
 
 @dataclass
 class ClientRolesConfig:
-    benign: str = key(
-        "clients.BenignClient",
-        "Dotted path of the benign client class (must subclass flip_fl.client.BaseClient).",
-    )
+    """clients: client classes by role."""
+
+    benign: str = client_class_key("clients.BenignClient", "benign")
 
 
 @dataclass
 class ClientConfig:
+    """client: benign local training."""
+
     local_epochs: int = key(1, "Local epochs of benign training per round.", ge=1)
     batch_size: int = key(64, "Local minibatch size.", ge=1)
     lr: float = key(0.1, "Local SGD learning rate.", gt=0.0)
@@ -70,21 +83,20 @@ class ClientConfig:
 
 @dataclass
 class ServerConfig:
+    """server: aggregation and evaluation on the server."""
+
     lr: float = key(1.0, "Server learning rate eta: global += eta * mean(client deltas).", gt=0.0)
     weighted: bool = key(True, "Weight client deltas by their number of examples (false: plain mean).")
-    initial_model: str | None = key(
-        None,
-        "Path of a state_dict (.pt) to start from, e.g. a clean run's final_model.pt.",
-    )
+    initial_model: str | None = key(None, "Path of a state_dict (.pt) to start from, e.g. a clean run's "
+                                          "final_model.pt.")
     eval_batch_size: int = key(512, "Batch size of server-side evaluation.", ge=1)
 
 
 @dataclass
 class AttackConfig:
-    client: str = key(
-        "clients.PoisonClient",
-        "Dotted path of the malicious client class (must subclass flip_fl.client.BaseClient).",
-    )
+    """attack: malicious clients and their backdoor."""
+
+    client: str = client_class_key("clients.PoisonClient", "malicious")
     num_malicious: int = key(0, "Number of malicious clients, chosen by a seeded draw (0: no attack).", ge=0)
     malicious_ids: list[int] | None = key(
         None,
@@ -100,9 +112,10 @@ class AttackConfig:
     )
     trigger: str = key(
         "pixel_pattern",
-        "Trigger name from flip_fl/triggers.py (pixel_pattern, dba, blended, sinusoidal, turner, fixed_pixels).",
+        "Backdoor trigger (flip_fl/attacks/triggers.py).",
+        choices=TRIGGERS.names,
     )
-    trigger_args: dict[str, Any] = key({}, "Keyword arguments of the trigger (see flip_fl/triggers.py).")
+    trigger_args: dict[str, Any] = key({}, "Keyword arguments of the trigger (see flip_fl/attacks/triggers.py).")
     poison_fraction: float = key(
         0.3125,
         "Fraction of each malicious minibatch stamped and relabelled (20/64 as in the FLIP paper on MNIST).",
@@ -148,9 +161,10 @@ class AttackConfig:
 
 @dataclass
 class DefenseConfig:
-    name: Literal["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "norm_clip", "weak_dp", "rfa",
-                  "foolsgold", "rlr", "fltrust", "flame"] = key(
-        "fedavg", "Server aggregation rule (docs/DEFENSES.md); fedavg is no defense.")
+    """defense: the server's aggregation rule and low-confidence rejection."""
+
+    name: str = key("fedavg", "Server aggregation rule (docs/DEFENSES.md); fedavg is no defense.",
+                    choices=DEFENSES.names)
     threshold: float = key(
         0.0,
         "Low-confidence rejection tau at evaluation: predictions with max softmax < tau are rejected.",
@@ -332,6 +346,8 @@ class FlipConfig:
 
 @dataclass
 class LabelsConfig:
+    """labels: the FLIP label-only attack (Jha et al., NeurIPS 2023)."""
+
     num_experts: int = key(
         1,
         "Expert trajectories to train (the FLIP label paper uses up to 50; 1 gives most of the effect).",
@@ -395,21 +411,23 @@ class LabelsConfig:
 
 @dataclass
 class ResourcesConfig:
+    """resources: Ray resources and the watchdog."""
+
     num_cpus: float = key(1.0, "CPUs per client actor.", gt=0.0)
     num_gpus: float = key(
         0.0,
         "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.",
         ge=0.0,
     )
-    ray_address: str | None = key(
-        None,
-        "Address of an existing Ray cluster (null: start a local one); --ray-address overrides.",
-    )
+    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); "
+                                        "--ray-address overrides.")
     round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
 
 
 @dataclass
 class Config:
+    """A whole run's configuration: one section per concern."""
+
     seed: int = key(0, "Seed of data generation, partitioning, sampling, model init and local training.", ge=0)
     data: DataConfig = section(DataConfig, "Dataset and partitioning.")
     model: ModelConfig = section(ModelConfig, "Model architecture.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flip_fl.config.derived import assumed_malicious, attack_schedule, num_attackers
 from flip_fl.config.schema import ConfigError
 from flip_fl.config.sections import Config
 
@@ -10,7 +11,19 @@ NUM_CLASSES = {"synthetic": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10,
 
 def validate(cfg: Config) -> None:
     """Cross-key rules: impossible combinations are errors, never silent defaults."""
-    fed, attack = cfg.federation, cfg.attack
+    num_classes = _validate_data_and_model(cfg)
+    _validate_attack(cfg, num_classes)
+    _validate_attack_schedule(cfg)
+    _validate_defense(cfg)
+    flip = cfg.flip
+    if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
+        raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
+    validate_labels(cfg, num_classes)
+
+
+def _validate_data_and_model(cfg: Config) -> int:
+    """Rules of data.*, federation.* and model.*; returns the dataset's number of classes."""
+    fed = cfg.federation
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds "
                           f"federation.num_clients ({fed.num_clients})")
@@ -25,7 +38,12 @@ def validate(cfg: Config) -> None:
                           f"be split over {fed.num_clients} clients")
     if cfg.model.width != 1.0 and cfg.model.name != "resnet18":
         raise ConfigError(f"model.width: only resnet18 has a width option, not {cfg.model.name}")
-    num_classes = NUM_CLASSES[cfg.data.name]
+    return NUM_CLASSES[cfg.data.name]
+
+
+def _validate_attack(cfg: Config, num_classes: int) -> None:
+    """Rules of the attack's classes, attackers and windows."""
+    fed, attack = cfg.federation, cfg.attack
     if attack.source_label >= num_classes or attack.source_label == attack.target_label:
         raise ConfigError(f"attack.source_label: {attack.source_label} must be -1 or a class of {cfg.data.name} "
                           f"other than attack.target_label ({attack.target_label})")
@@ -55,26 +73,40 @@ def validate(cfg: Config) -> None:
             for r in item if isinstance(item, list) else [item]:
                 if not 1 <= r <= fed.num_rounds:
                     raise ConfigError(f"attack.rounds[{i}]: round {r} is outside 1..{fed.num_rounds}")
-    if attack.force_sampled and num_attackers(cfg) > fed.clients_per_round:
-        schedule_max = max_attackers_per_round(cfg)
+
+
+def _validate_attack_schedule(cfg: Config) -> None:
+    """Forced sampling must fit every round; attacker lr milestones are fractions of its epochs."""
+    attack = cfg.attack
+    if attack.force_sampled and num_attackers(cfg) > 0:
+        _validate_forced_sampling(cfg)
+    if any(not 0.0 < m < 1.0 for m in attack.lr_milestones):
+        raise ConfigError(f"attack.lr_milestones: {attack.lr_milestones} must be fractions in (0, 1)")
+
+
+def _validate_forced_sampling(cfg: Config) -> None:
+    """The attackers due plus the benign clients drawn must fit in every round's sample."""
+    fed = cfg.federation
+    schedule = attack_schedule(cfg)
+    if num_attackers(cfg) > fed.clients_per_round:
+        schedule_max = schedule.max_due(fed.num_rounds)
         if schedule_max > fed.clients_per_round:
             raise ConfigError(f"attack.force_sampled: {schedule_max} attackers are due in one round but only "
                               f"federation.clients_per_round = {fed.clients_per_round} clients are sampled")
-    if attack.force_sampled and num_attackers(cfg) > 0:
-        from flip_fl.federation.schedule import attackers_due  # local: schedule depends on this module
+    benign = fed.num_clients - num_attackers(cfg)
+    for r in range(1, fed.num_rounds + 1):
+        need = fed.clients_per_round - len(schedule.attackers_due(r))
+        if need > benign:
+            raise ConfigError(f"federation.clients_per_round: round {r} samples {need} benign clients but only "
+                              f"{benign} of the {fed.num_clients} clients are benign; sample fewer, add clients "
+                              "or set attack.force_sampled: false")
 
-        benign = fed.num_clients - num_attackers(cfg)
-        for r in range(1, fed.num_rounds + 1):
-            need = fed.clients_per_round - len(attackers_due(cfg, r))
-            if need > benign:
-                raise ConfigError(f"federation.clients_per_round: round {r} samples {need} benign clients but only "
-                                  f"{benign} of the {fed.num_clients} clients are benign; sample fewer, add clients "
-                                  "or set attack.force_sampled: false")
-    if any(not 0.0 < m < 1.0 for m in attack.lr_milestones):
-        raise ConfigError(f"attack.lr_milestones: {attack.lr_milestones} must be fractions in (0, 1)")
+
+def _validate_defense(cfg: Config) -> None:
+    """Rules of defense.*: f, selection sizes and thresholds that the sampled round can satisfy."""
     defense = cfg.defense
-    f = defense.num_malicious if defense.num_malicious is not None else max_attackers_per_round(cfg)
-    n = fed.clients_per_round
+    f = assumed_malicious(cfg)
+    n = cfg.federation.clients_per_round
     if defense.name in ("krum", "multikrum", "bulyan") and f >= n:
         raise ConfigError(f"defense.num_malicious: f = {f} must be below federation.clients_per_round ({n})")
     if defense.name == "bulyan" and n < 4 * f + 3:
@@ -89,11 +121,6 @@ def validate(cfg: Config) -> None:
     if defense.name == "fltrust" and cfg.data.name == "synthetic" and defense.root_size >= cfg.data.synthetic.test_size:
         raise ConfigError(f"defense.root_size: {defense.root_size} root images cannot be held out of "
                           f"data.synthetic.test_size = {cfg.data.synthetic.test_size}")
-    flip = cfg.flip
-    if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
-        raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
-
-    validate_labels(cfg, num_classes)
 
 
 def validate_labels(cfg: Config, num_classes: int) -> None:
@@ -108,17 +135,3 @@ def validate_labels(cfg: Config, num_classes: int) -> None:
             raise ConfigError(f"{where}: {budget} must be a count (integer) or a fraction in (0, 1)")
         if isinstance(budget, int) and budget < 1:
             raise ConfigError(f"{where}: {budget} must be at least 1")
-
-
-def num_attackers(cfg: Config) -> int:
-    """How many malicious clients the config asks for."""
-    if cfg.attack.malicious_ids is not None:
-        return len(cfg.attack.malicious_ids)
-    return cfg.attack.num_malicious
-
-
-def max_attackers_per_round(cfg: Config) -> int:
-    """Largest number of attackers due in a single round (bounds forced sampling)."""
-    from flip_fl.federation.schedule import attackers_due  # local: schedule depends on this module
-
-    return max((len(attackers_due(cfg, r)) for r in range(1, cfg.federation.num_rounds + 1)), default=0)

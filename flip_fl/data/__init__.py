@@ -7,7 +7,7 @@
 
 from flip_fl.data.dataset import ImageDataset
 from flip_fl.data.partition import client_dataset, client_indices, partition, partition_dirichlet, partition_iid
-from flip_fl.data.sources import DATASETS, load_datasets, load_torchvision, make_synthetic
+from flip_fl.data.sources import load_datasets, load_torchvision, make_synthetic
 
-__all__ = ["DATASETS", "ImageDataset", "client_dataset", "client_indices", "load_datasets", "load_torchvision",
+__all__ = ["ImageDataset", "client_dataset", "client_indices", "load_datasets", "load_torchvision",
            "make_synthetic", "partition", "partition_dirichlet", "partition_iid"]

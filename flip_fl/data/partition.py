@@ -9,11 +9,12 @@ import numpy as np
 from flip_fl.config import Config, ConfigError
 from flip_fl.data.dataset import ImageDataset
 from flip_fl.data.sources import DataKey, load_keyed
+from flip_fl.seeds import PARTITION_DIRICHLET, PARTITION_IID, numpy_rng
 
 
 def partition_iid(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Shuffle and split into `num_clients` near-equal parts."""
-    rng = np.random.default_rng([seed, 0x11D])
+    rng = numpy_rng(seed, PARTITION_IID)
     return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_clients)]
 
 
@@ -23,7 +24,7 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
 
     Redrawn (same seed stream) until every client has at least `min_size` samples.
     """
-    rng = np.random.default_rng([seed, 0xD1C])
+    rng = numpy_rng(seed, PARTITION_DIRICHLET)
     classes = np.unique(labels)
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(num_clients)]

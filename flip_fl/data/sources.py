@@ -1,5 +1,7 @@
 """Where datasets come from: the built-in synthetic dataset and the torchvision loaders, by `data.name`.
 
+Loaders are registered in `flip_fl.registry.DATASETS`.
+
 Every dataset is held as uint8 images N x C x H x W plus int64 labels (`ImageDataset`).
 Clients load their partition locally through the cached `load_datasets` (never through messages).
 """
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 
 from flip_fl.config import Config, ConfigError
 from flip_fl.data.dataset import ImageDataset
+from flip_fl.registry import DATASETS
+from flip_fl.seeds import synthetic_data_seed
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -35,7 +39,7 @@ def make_synthetic(seed: int, channels: int, image_size: int, train_size: int, t
     is shifted by up to 2 pixels, rescaled in contrast and brightness, and gets Gaussian pixel noise.
     A small CNN learns it to > 90% in a few epochs; nearest-prototype matching does clearly worse.
     """
-    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    gen = torch.Generator().manual_seed(synthetic_data_seed(seed))
     low = torch.rand(num_classes, channels, 7, 7, generator=gen)
     protos = F.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
     protos = (protos - protos.amin(dim=(1, 2, 3), keepdim=True)) / (
@@ -102,14 +106,18 @@ def load_torchvision(name: str, root: str, download: bool) -> tuple[ImageDataset
     return splits[0], splits[1]
 
 
-DatasetLoader = Callable[[Config], tuple[ImageDataset, ImageDataset]]
+@DATASETS.register("synthetic")
+def _synthetic(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    syn = cfg.data.synthetic
+    return make_synthetic(cfg.seed, syn.channels, syn.image_size, syn.train_size, syn.test_size, syn.noise)
 
-DATASETS: dict[str, DatasetLoader] = {
-    "synthetic": lambda cfg: make_synthetic(
-        cfg.seed, cfg.data.synthetic.channels, cfg.data.synthetic.image_size, cfg.data.synthetic.train_size,
-        cfg.data.synthetic.test_size, cfg.data.synthetic.noise),
-    **{name: (lambda cfg, name=name: load_torchvision(name, cfg.data.root, cfg.data.download)) for name in TORCHVISION},
-}
+
+def _torchvision_loader(name: str) -> Callable[[Config], tuple[ImageDataset, ImageDataset]]:
+    return lambda cfg: load_torchvision(name, cfg.data.root, cfg.data.download)
+
+
+for _name in TORCHVISION:
+    DATASETS.add(_name, _torchvision_loader(_name))
 
 
 def _data_key(cfg: Config) -> tuple:
@@ -133,7 +141,7 @@ class DataKey:
 
 @functools.lru_cache(maxsize=2)
 def load_keyed(keyed: DataKey) -> tuple[ImageDataset, ImageDataset]:
-    return DATASETS[keyed.cfg.data.name](keyed.cfg)
+    return DATASETS.lookup(keyed.cfg.data.name)(keyed.cfg)
 
 
 def load_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:

@@ -90,6 +90,7 @@ def coordinate_mask(mask: Any, d: int, name: str) -> np.ndarray | None:
 
 
 def row_norms(U: np.ndarray) -> np.ndarray:
+    """L2 norm of every row."""
     return np.sqrt(np.einsum("ij,ij->i", U, U))
 
 
@@ -113,12 +114,23 @@ def cosine_similarity(X: np.ndarray) -> np.ndarray:
 
 
 def column_chunks(n: int, d: int) -> Iterator[slice]:
+    """Column slices that bound a block of `n` rows to about `CHUNK_ELEMENTS` elements."""
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     for start in range(0, d, step):
         yield slice(start, min(d, start + step))
 
 
+def sorted_column_blocks(U: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """Per chunk of columns: the columns, the clients' order in each column and the sorted values (stable)."""
+    n, d = U.shape
+    for cols in column_chunks(n, d):
+        block = U[:, cols]
+        order = np.argsort(block, axis=0, kind="stable")
+        yield cols, order, np.take_along_axis(block, order, axis=0)
+
+
 def gaussian_noise(rng: np.random.Generator | None, std: float, d: int, mask: np.ndarray | None) -> np.ndarray:
+    """Gaussian noise of std `std` on the coordinates of `mask` (all when None); zeros when `std` is 0."""
     if std == 0.0:
         return np.zeros(d)
     if rng is None:

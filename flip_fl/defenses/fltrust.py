@@ -13,6 +13,7 @@ import numpy as np
 from flip_fl.config import Config, ConfigError
 from flip_fl.data import ImageDataset
 from flip_fl.defenses.common import AggregationOutcome, as_updates, row_norms
+from flip_fl.seeds import FLTRUST_ROOT, numpy_rng
 
 
 def fltrust(U: Any, server_update: Any) -> AggregationOutcome:
@@ -56,7 +57,7 @@ def root_split(cfg: Config, test_size: int) -> tuple[np.ndarray, np.ndarray]:
     k = cfg.defense.root_size
     if k >= test_size:
         raise ConfigError(f"defense.root_size: {k} root images cannot be held out of a test set of {test_size}")
-    order = np.random.default_rng([cfg.seed, 0xF17]).permutation(test_size)
+    order = numpy_rng(cfg.seed, FLTRUST_ROOT).permutation(test_size)
     return np.sort(order[:k]), np.sort(order[k:])
 
 

@@ -43,22 +43,36 @@ def foolsgold(
     n, d = U.shape
     mask = coordinate_mask(similarity_mask, d, "similarity_mask")
     feats = U if mask is None else U[:, mask]
-    h = feats.shape[1]
-    if history is None:
-        hist = np.zeros((n, h))
-    else:
-        hist = np.asarray(history, dtype=np.float64)
-        if hist.shape != (n, h):
-            raise ValueError(f"history must have shape ({n}, {h}) (n_clients, masked d); got {hist.shape}")
+    hist = _history(history, n, feats.shape[1])
     if not (np.isfinite(confidence) and confidence > 0):
         raise ValueError(f"confidence (kappa) must be > 0; got {confidence}")
     if not (np.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be >= 0; got {epsilon}")
     new_hist = hist + feats
+    scores = foolsgold_scores(new_hist, confidence, epsilon)
 
+    total = scores.sum()
+    if total <= 0:
+        coef = np.zeros(n)
+    elif normalize:
+        coef = scores / total
+    else:
+        coef = scores / n
+    return AggregationOutcome(
+        delta=coef @ U,
+        weights=coef,
+        kept=scores > 0,
+        info={"num_kept": int(np.sum(scores > 0)), "sum_scores": float(total)},
+        arrays={"scores": scores, "history": new_hist, "scale": np.ones(n)},
+    )
+
+
+def foolsgold_scores(history: np.ndarray, confidence: float, epsilon: float) -> np.ndarray:
+    """FoolsGold's per-client weights in [0, 1] from the (updated) histories, as in the reference code."""
+    n = history.shape[0]
     # As in the reference code, the diagonal of cs is cos(i, i) - 1 (= 0 for a non-zero row)
     # and takes part in the maxima.
-    cs = cosine_similarity(new_hist) - np.eye(n)
+    cs = cosine_similarity(history) - np.eye(n)
     maxcs = np.max(cs, axis=1) + epsilon
     for i in range(n):
         for j in range(n):
@@ -75,19 +89,14 @@ def foolsgold(
         pos = wv > 0
         wv[pos] = confidence * (np.log(wv[pos] / (1.0 - wv[pos])) + 0.5)
         wv = np.clip(wv, 0.0, 1.0)
-    scores = wv
+    return wv
 
-    total = scores.sum()
-    if total <= 0:
-        coef = np.zeros(n)
-    elif normalize:
-        coef = scores / total
-    else:
-        coef = scores / n
-    return AggregationOutcome(
-        delta=coef @ U,
-        weights=coef,
-        kept=scores > 0,
-        info={"num_kept": int(np.sum(scores > 0)), "sum_scores": float(total)},
-        arrays={"scores": scores, "history": new_hist, "scale": np.ones(n)},
-    )
+
+def _history(history: Any, n: int, h: int) -> np.ndarray:
+    """The accumulated updates as a float64 (n, h) matrix (zeros when None)."""
+    if history is None:
+        return np.zeros((n, h))
+    hist = np.asarray(history, dtype=np.float64)
+    if hist.shape != (n, h):
+        raise ValueError(f"history must have shape ({n}, {h}) (n_clients, masked d); got {hist.shape}")
+    return hist

@@ -31,9 +31,9 @@ def krum(
     average is unweighted (default); pass `weights` (num examples) to weight the selected
     updates like Flower's `MultiKrum` does.
 
-    `strict=False` relaxes the requirement to `n >= f + 3` (at least one neighbour), for
-    reproducing papers that ran Krum beyond its guarantee (e.g. 4 attackers among 10
-    sampled clients); Flower's Krum does not check at all.
+    `strict=False` is Flower's rule (`flwr.serverapp.strategy.Krum`, `MultiKrum`): no requirement,
+    `max(1, n - f - 2)` neighbours. It reproduces papers that ran Krum beyond its guarantee (e.g. 4
+    attackers among 10 sampled clients) and rounds that lost clients to failures.
 
     arrays: `"scores"` (n,) Krum scores, `"scale"` ones.
     info: `num_selected`, `num_neighbors`, `num_malicious`.
@@ -46,21 +46,20 @@ def krum(
     if strict and n <= 2 * f + 2:
         raise ValueError(
             f"krum needs n_clients > 2*num_malicious + 2, i.e. num_malicious <= {(n - 3) // 2} "
-            f"for n_clients={n}; got num_malicious={f} (strict=False allows up to {n - 3})"
+            f"for n_clients={n}; got num_malicious={f} (strict=False: Flower's unchecked rule)"
         )
-    if n < f + 3:
-        raise ValueError(f"krum needs num_malicious <= n_clients - 3 = {n - 3}; got num_malicious={f}")
     k = int(multi_k)
     if not 1 <= k <= n:
         raise ValueError(f"multi_k must be in [1, n_clients={n}]; got {multi_k}")
-    base_w = client_weights(weights, n)
+    client_weights(weights, n)  # validation
+    raw = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
 
-    num_neighbors = n - f - 2
+    num_neighbors = n - f - 2 if strict else max(1, n - f - 2)
     scores = krum_scores(pairwise_sq_dists(U), num_neighbors)
     selected = np.argsort(scores, kind="stable")[:k]
     kept = np.zeros(n, dtype=bool)
     kept[selected] = True
-    w = np.where(kept, base_w, 0.0)
+    w = np.where(kept, raw, 0.0)
     w = w / w.sum() if w.sum() > 0 else np.where(kept, 1.0 / k, 0.0)
     return AggregationOutcome(
         delta=w @ U,

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from flip_fl.defenses.common import AggregationOutcome, as_updates, column_chunks
+from flip_fl.defenses.common import AggregationOutcome, as_updates, sorted_column_blocks
 
 
 def coordinate_median(U: Any) -> AggregationOutcome:
@@ -20,10 +20,7 @@ def coordinate_median(U: Any) -> AggregationOutcome:
     n, d = U.shape
     delta = np.empty(d)
     counts = np.zeros(n)
-    for cols in column_chunks(n, d):
-        block = U[:, cols]
-        order = np.argsort(block, axis=0, kind="stable")
-        srt = np.take_along_axis(block, order, axis=0)
+    for cols, order, srt in sorted_column_blocks(U):
         if n % 2:
             delta[cols] = srt[n // 2]
             counts += np.bincount(order[n // 2], minlength=n)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from flip_fl.defenses.common import AggregationOutcome, as_updates, column_chunks
+from flip_fl.defenses.common import AggregationOutcome, as_updates, sorted_column_blocks
 
 
 def trimmed_mean(U: Any, beta: float) -> AggregationOutcome:
@@ -26,10 +26,7 @@ def trimmed_mean(U: Any, beta: float) -> AggregationOutcome:
     m = n - 2 * k
     delta = np.empty(d)
     counts = np.zeros(n)
-    for cols in column_chunks(n, d):
-        block = U[:, cols]
-        order = np.argsort(block, axis=0, kind="stable")
-        srt = np.take_along_axis(block, order, axis=0)
+    for cols, order, srt in sorted_column_blocks(U):
         delta[cols] = srt[k : n - k].mean(axis=0)
         counts += np.bincount(order[k : n - k].ravel(), minlength=n)
     return AggregationOutcome(

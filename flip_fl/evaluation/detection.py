@@ -27,8 +27,7 @@ def detection_scores(kept: Any, malicious: Any) -> dict[str, Any]:
     fp = int(np.sum(rejected & ~m))
     fn = int(np.sum(k & m))
     tn = int(np.sum(k & ~m))
-    precision = tp / (tp + fp) if (tp + fp) > 0 else None
-    recall = tp / (tp + fn) if (tp + fn) > 0 else None
+    precision, recall = precision_recall(tp, fp, fn)
     if precision is None or recall is None:
         f1 = None
     elif precision + recall == 0:
@@ -49,3 +48,10 @@ def detection_scores(kept: Any, malicious: Any) -> dict[str, Any]:
         "rejection_rate": (tp + fp) / n if n else None,
         "false_positive_rate": fp / (fp + tn) if (fp + tn) > 0 else None,
     }
+
+
+def precision_recall(tp: int, fp: int, fn: int) -> tuple[float | None, float | None]:
+    """Precision tp / (tp + fp) and recall tp / (tp + fn) of rejection; None where undefined (0/0)."""
+    precision = tp / (tp + fp) if (tp + fp) > 0 else None
+    recall = tp / (tp + fn) if (tp + fn) > 0 else None
+    return precision, recall

@@ -50,7 +50,9 @@ def threshold_sweep(clean_probs: torch.Tensor, labels: torch.Tensor, triggered_p
     for tau in thresholds:
         clean = clean_metrics(clean_probs, labels, tau)
         attack = backdoor_metrics(triggered_probs, target, tau)
-        rows.append({"threshold": tau, "clean_coverage": 1.0 - clean["clean_reject_rate"],
+        rejected = clean["clean_reject_rate"]
+        assert rejected is not None  # a rate, never undefined
+        rows.append({"threshold": tau, "clean_coverage": 1.0 - rejected,
                      "clean_acc_thresholded": clean["clean_acc_thresholded"],
                      "clean_acc_accepted": clean["clean_acc_accepted"],
                      "backdoor_coverage": 1.0 - attack["backdoor_reject_rate"],

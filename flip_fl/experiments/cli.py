@@ -45,18 +45,21 @@ def _parser(prog: str, description: str, *, config: str, output_dir: str,
 
 
 def run_command(argv: list[str]) -> int:
+    """`sim.py --config ...`: run one simulation."""
     parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.",
                      config="YAML config file (see docs/CONFIG.md)",
                      output_dir="where results go (default runs/<config-name>-<timestamp>)")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
     args = parser.parse_args(argv)
     quiet_environment()
-    from flip_fl.experiments.run import run  # after quiet_environment(): flwr reads its telemetry switch on import
-
     try:
         cfg = load_config(args.config, args.set)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{stamp}")
+        # imported here, after quiet_environment() (flwr reads its telemetry switch on import) and after the
+        # config is read (bad input fails without importing Flower)
+        from flip_fl.experiments.run import run
+
         summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -75,6 +78,7 @@ def run_command(argv: list[str]) -> int:
 
 
 def sweep_command(argv: list[str]) -> int:
+    """`sim.py sweep ...`: run a grid of simulations and write the report."""
     parser = _parser("sim.py sweep", "Run a grid of simulations and compare them (see flip_fl/experiments/sweep.py).",
                      config="sweep YAML: base config, grid of key paths -> values",
                      output_dir="sweep directory (default runs/<sweep-name>); finished runs there are reused",
@@ -108,6 +112,7 @@ def sweep_command(argv: list[str]) -> int:
 
 
 def labels_command(argv: list[str]) -> int:
+    """`sim.py labels ...`: run stages of the FLIP label-attack pipeline."""
     parser = _parser("sim.py labels", "FLIP label-only attack pipeline (see flip_fl/attacks/flip_labels/pipeline.py).",
                      config="YAML config (data, model, attack trigger/target, labels.*)",
                      output_dir="pipeline directory (default runs/<config-name>); reused across stages")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flip_fl.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
+from flip_fl.config.loading import set_key_path
 
 SPEC_KEYS = {"base", "config", "grid", "rows", "title"}
 ROW_PREFIXES = ("defense.", "flip.", "clients.")
@@ -51,6 +52,7 @@ class Sweep:
 
 
 def format_value(value: Any) -> str:
+    """A value as it appears in tables and run names (strings bare, the rest as JSON)."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -73,18 +75,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def _set_path(raw: dict[str, Any], path: str, value: Any, where: str) -> None:
-    parts = path.split(".")
-    if not path or any(not p for p in parts):
-        raise ConfigError(f"{where}: {path!r} is not a key path like defense.name")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is not a section")
-    node[parts[-1]] = value
 
 
 def _grid_entries(grid: Any) -> list[dict[str, Any]]:
@@ -127,7 +117,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             name = run_name(point_overrides)
             point_raw = json.loads(json.dumps(raw))
             for key, value in point_overrides.items():
-                _set_path(point_raw, key, value, f"grid {key}")
+                set_key_path(point_raw, key, value, f"grid {key}")
             try:
                 cfg = config_from_dict(point_raw)
             except ConfigError as err:
@@ -147,6 +137,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 def value_at(cfg: Config, key: str) -> Any:
+    """The value at dotted key `key` of a config."""
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -154,5 +145,6 @@ def value_at(cfg: Config, key: str) -> Any:
 
 
 def varying_keys(points: list[Point]) -> list[str]:
+    """The grid keys whose value differs between points."""
     keys = list(dict.fromkeys(k for p in points for k in p.overrides))
     return [k for k in keys if len({format_value(value_at(p.cfg, k)) for p in points}) > 1]

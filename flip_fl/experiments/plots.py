@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def plot_run(run_dir: Path) -> Path:
     return path
 
 
-def plot_comparison(curves: dict[str, dict[str, Sequence[Sequence[float]]]], path: Path, title: str) -> Path:
+def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, title: str) -> Path:
     """ASR and clean accuracy per round, one line per label (mean over seeds, band = +- std).
 
     `curves[label]["acc" | "asr"]` holds one per-round series (from round 0) per seed.

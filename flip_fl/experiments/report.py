@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -10,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from flip_fl.evaluation.detection import precision_recall
 from flip_fl.experiments.grid import Point, Sweep, format_value, value_at, varying_keys
 from flip_fl.experiments.plots import plot_comparison, read_metrics
+from flip_fl.tables import markdown_table, write_csv
 
 RESULT_KEYS = ["clean_acc", "asr", "clean_acc_thresholded", "asr_thresholded", "clean_reject_rate",
                "backdoor_reject_rate"]
@@ -45,6 +46,7 @@ def _column_labels(points: list[Point], row_keys: list[str]) -> dict[str, str]:
 
 
 def error_line(log: Path) -> str:
+    """The last error line of a run's log (or its last line)."""
     text = log.read_text(errors="replace") if log.is_file() else ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error")]
@@ -53,10 +55,6 @@ def error_line(log: Path) -> str:
 
 def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-
-
-def _ratio(num: int, den: int) -> float | None:
-    return num / den if den else None
 
 
 def run_result(point: Point, run_dir: Path) -> dict[str, Any]:
@@ -73,8 +71,7 @@ def run_result(point: Point, run_dir: Path) -> dict[str, Any]:
     counts = {k: sum(r.get(f"detection_{k}") or 0 for r in rows) for k in ("tp", "fp", "fn", "tn")}
     if any(f"detection_{k}" in r for r in rows for k in counts):
         out.update({f"detection_{k}": v for k, v in counts.items()})
-        out["detection_precision"] = _ratio(counts["tp"], counts["tp"] + counts["fp"])
-        out["detection_recall"] = _ratio(counts["tp"], counts["tp"] + counts["fn"])
+        out["detection_precision"], out["detection_recall"] = precision_recall(counts["tp"], counts["fp"], counts["fn"])
     weights = [r["defense_attacker_weight"] for r in rows if r.get("defense_attacker_weight") is not None]
     out["attacker_weight"] = float(np.mean(weights)) if weights else None
     agg = [r["aggregation_seconds"] for r in rows if r.get("aggregation_seconds") is not None]
@@ -116,10 +113,6 @@ def _cell(group: list[dict[str, Any]]) -> str:
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
-def _table(header: list[str], lines: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in lines]
-
-
 def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> str:
     """results.md: ACC / ASR table (rows defenses, columns dataset / attack), costs, detection, failures."""
     rows = list(dict.fromkeys(r["row"] for r in results))
@@ -131,7 +124,7 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
     out = [f"# {sweep.title}", "",
            f"Cells: clean accuracy / ASR in % at the final round (thresholded when defense.threshold > 0), "
            f"mean ± sample std over seeds {seeds}.", ""]
-    out += _table(["Defense"] + cols, [[row] + [_cell(groups.get((row, c), [])) if (row, c) in groups else "—"
+    out += markdown_table(["Defense"] + cols, [[row] + [_cell(groups.get((row, c), [])) if (row, c) in groups else "—"
                                                 for c in cols] for row in rows])
     ok = [r for r in results if r["status"] == "ok"]
     cost: dict[str, tuple[float, float]] = {}
@@ -146,7 +139,7 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
                 "Aggregation: time of the aggregation rule on the server (median over a run's rounds); round: "
                 "wall time of a whole round incl. client training and evaluation (median). Means over runs; "
                 "ratios relative to fedavg in this sweep.", ""]
-        out += _table(["Defense", "aggregation (ms)", "× fedavg", "round (s)", "× fedavg"],
+        out += markdown_table(["Defense", "aggregation (ms)", "× fedavg", "round (s)", "× fedavg"],
                       [[row, f"{a:.2f}", f"{a / ref[0]:.1f}" if ref else "—", f"{s:.2f}",
                         f"{s / ref[1]:.2f}" if ref else "—"] for row, (a, s) in cost.items()])
     detected = [(row, col) for row in rows for col in cols
@@ -164,10 +157,10 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
             has_counts = any(r.get("detection_tp") is not None for r in group)
             weights = [r["attacker_weight"] for r in group if r.get("attacker_weight") is not None]
             fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-            lines.append([row, col, fmt(_ratio(tp, tp + fp)) if has_counts else "—",
-                          fmt(_ratio(tp, tp + fn)) if has_counts else "—",
+            precision, recall = precision_recall(tp, fp, fn)
+            lines.append([row, col, fmt(precision) if has_counts else "—", fmt(recall) if has_counts else "—",
                           fmt(float(np.mean(weights))) if weights else "—"])
-        out += _table(["Defense", "column", "precision", "recall", "attackers' weight"], lines)
+        out += markdown_table(["Defense", "column", "precision", "recall", "attackers' weight"], lines)
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         out += ["", "## Runs without results", ""]
@@ -199,11 +192,7 @@ def write_report(sweep: Sweep, sweep_dir: Path) -> list[dict[str, Any]]:
     """results.csv, results.md and one plot per column from whatever runs have finished."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     results = collect(sweep, sweep_dir)
-    fields = list(dict.fromkeys(k for r in results for k in r))
-    with (sweep_dir / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(sweep_dir / "results.csv", results)
     plots = _curves(sweep, results, sweep_dir)
     (sweep_dir / "results.md").write_text(markdown(sweep, results, plots))
     return results

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from flip_fl.config import Config, to_yaml
+from flip_fl.tables import write_csv
 
 
 def _clean(value: Any) -> Any:
@@ -62,17 +62,14 @@ class RunRecorder:
             print(format_round(row), flush=True)
 
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
+        """Save the final global model (`final_model.pt`)."""
         path = self.out_dir / "final_model.pt"
         torch.save(state, path)
         return path
 
     def write_csv(self, name: str, rows: list[dict[str, Any]]) -> Path:
-        path = self.out_dir / name
-        with path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
+        """Write a CSV file into the run directory."""
+        return write_csv(self.out_dir / name, rows)
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         """summary.json: final metrics, best/peak values and timings."""

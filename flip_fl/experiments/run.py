@@ -17,11 +17,13 @@ from flwr.app import ArrayRecord, MetricRecord
 from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
 from flip_fl.data import load_datasets
 from flip_fl.defenses.fltrust import evaluation_set
+from flip_fl.device import torch_device
 from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.experiments.plots import plot_run
 from flip_fl.experiments.results import RunRecorder
 from flip_fl.federation.client import load_client_class
 from flip_fl.federation.client_app import app as client_app
+from flip_fl.federation.protocol import scalar_record, shared_config
 from flip_fl.federation.rounds import round_fields
 from flip_fl.federation.runtime import SimulationError, Watchdog, init_ray, launch
 from flip_fl.federation.server_app import RunOutcome, ServerJob, server_app
@@ -77,7 +79,7 @@ class RoundReporter:
                "seconds": time.time() - started}
         self.recorder.record_round(row)
         self.watchdog.beat()
-        return MetricRecord({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        return scalar_record(metrics)
 
 
 def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool = True) -> dict[str, Any]:
@@ -92,16 +94,15 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
     if cfg.server.initial_model:
         load_initial_state(cfg, model)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-    evaluator = GlobalEvaluator(cfg, evaluation_set(cfg, test), device)
+    evaluator = GlobalEvaluator(cfg, evaluation_set(cfg, test), torch_device(cfg.resources.num_gpus))
     init_ray(cfg.resources, ray_address)
 
     recorder = RunRecorder(out_dir, cfg, echo=echo)
     watchdog = Watchdog(limit=cfg.resources.round_timeout + 120.0)
-    base_config = {"flipfl-config": to_yaml(cfg), "workdir": str((out_dir / "client_state").resolve())}
+    shared = shared_config(to_yaml(cfg), str((out_dir / "client_state").resolve()))
     job = ServerJob(num_clients=cfg.federation.num_clients, num_rounds=cfg.federation.num_rounds,
                     round_timeout=cfg.resources.round_timeout, initial_state=initial_state,
-                    build_strategy=lambda partitions: build_strategy(cfg, partitions, base_config),
+                    build_strategy=lambda partitions: build_strategy(cfg, partitions, shared),
                     on_round=RoundReporter(cfg, model, evaluator, recorder, watchdog))
     outcome = RunOutcome()
     launch(server_app(job, outcome), client_app, cfg.federation.num_clients, cfg.resources, watchdog)

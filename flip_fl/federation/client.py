@@ -9,47 +9,18 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from flip_fl.config import Config
-from flip_fl.config.schema import ConfigError
+from flip_fl.config import Config, ConfigError
 from flip_fl.data import ImageDataset
+from flip_fl.federation.protocol import ClientState, FitResult, RoundInfo, StateDict
 from flip_fl.models import build_model
+from flip_fl.seeds import ClientStream, torch_generator
 
-Scalar = int | float | str | bool
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass
-class RoundInfo:
-    """What the server tells a client about this round."""
-
-    server_round: int
-    malicious: bool
-    attacking: bool
-    attacker_index: int | None
-
-
-@dataclass
-class FitResult:
-    """A client's reply: its local model, the example count used for weighting, and metrics."""
-
-    state: StateDict
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class ClientState:
-    """Per-partition state that persists across rounds (small: it travels with every message)."""
-
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    values: dict[str, Scalar] = field(default_factory=dict)
+__all__ = ["BaseClient", "ClientState", "FitResult", "RoundInfo", "StateDict", "load_client_class"]
 
 
 class BaseClient(ABC):
@@ -70,10 +41,9 @@ class BaseClient(ABC):
         model.load_state_dict(global_state)
         return model.to(self.device)
 
-    def generator(self, server_round: int, stream: int = 0) -> torch.Generator:
-        """A torch generator seeded by (seed, round, partition, stream): same run, same draws."""
-        seed = np.random.SeedSequence([self.cfg.seed, server_round, self.partition_id, stream]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(seed))
+    def generator(self, server_round: int, stream: int = ClientStream.BATCHES) -> torch.Generator:
+        """A torch generator seeded by (seed, round, partition, stream): same run, same draws (`flip_fl.seeds`)."""
+        return torch_generator(self.cfg.seed, server_round, self.partition_id, int(stream))
 
     @abstractmethod
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
@@ -93,7 +63,7 @@ def load_client_class(dotted: str, key_path: str) -> type[BaseClient]:
     if cls is None:
         raise ConfigError(f"{key_path}: module {module_name!r} has no class {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, BaseClient)):
-        raise ConfigError(f"{key_path}: {dotted} does not subclass flip_fl.client.BaseClient")
+        raise ConfigError(f"{key_path}: {dotted} does not subclass flip_fl.federation.client.BaseClient")
     if getattr(cls, "__abstractmethods__", None):
         raise ConfigError(f"{key_path}: {dotted} is abstract (missing {', '.join(sorted(cls.__abstractmethods__))})")
     return cls

@@ -1,65 +1,92 @@
 """Who is malicious, when each attacker attacks, and which clients a round samples.
 
-All of it is a pure function of the config and the seed, so a run can be repeated exactly
-(Flower's own sampling draws from a set of random node ids and is not reproducible).
+All of it is a pure function of the seed and the settings, so a run can be repeated exactly (Flower's
+own sampling draws from a set of random node ids and is not reproducible). This module knows nothing of
+the config file: `flip_fl.config.derived` builds the `AttackSchedule` and `RoundSampler` of a config.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from flip_fl.config import Config, num_attackers
+from flip_fl.seeds import ATTACKERS, numpy_rng
 
 
-def malicious_ids(cfg: Config) -> list[int]:
-    """Malicious partition ids in attacker order: explicit ids, or a seeded draw sorted ascending."""
-    if cfg.attack.malicious_ids is not None:
-        return list(cfg.attack.malicious_ids)
-    n = num_attackers(cfg)
-    rng = np.random.default_rng([cfg.seed, 0xA77AC])
-    return sorted(int(i) for i in rng.choice(cfg.federation.num_clients, size=n, replace=False))
+def draw_attackers(seed: int, num_clients: int, count: int) -> list[int]:
+    """A seeded draw of `count` distinct malicious partition ids, sorted ascending."""
+    rng = numpy_rng(seed, ATTACKERS)
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
-def attack_rounds(cfg: Config, attacker_index: int) -> set[int]:
-    """Rounds in which attacker `attacker_index` (position in `malicious_ids`) attacks."""
-    attack, last = cfg.attack, cfg.federation.num_rounds
-    if attack.rounds is not None:
-        item = attack.rounds[attacker_index]
-        return set(item) if isinstance(item, list) else {item}
-    if attack.mode == "single_shot":
-        return {attack.start_round}
-    end = last if attack.end_round is None else min(attack.end_round, last)
-    return set(range(attack.start_round, end + 1))
+def attack_window(single_shot: bool, start_round: int, end_round: int | None, last_round: int) -> set[int]:
+    """An attacker's rounds without an explicit list.
 
-
-def attackers_due(cfg: Config, server_round: int) -> list[int]:
-    """Partition ids of the attackers scheduled to attack in `server_round`."""
-    return [pid for i, pid in enumerate(malicious_ids(cfg)) if server_round in attack_rounds(cfg, i)]
-
-
-def is_attack_round(cfg: Config, partition_id: int, server_round: int) -> bool:
-    """Whether this malicious partition attacks in this round (benign partitions never do)."""
-    ids = malicious_ids(cfg)
-    return partition_id in ids and server_round in attack_rounds(cfg, ids.index(partition_id))
-
-
-def sample_round(cfg: Config, server_round: int, available: list[int]) -> list[int]:
-    """Seeded sample of partition ids for a round, sorted by partition id.
-
-    With `attack.force_sampled`, the attackers due this round are always in the sample and the rest
-    is drawn from the benign partitions (the FLIP paper's fixed adversary list); malicious clients
-    not due this round are not drawn. Otherwise every available partition is equally likely.
+    `start_round` alone (single shot), or every round from `start_round` to `end_round` (None: the last
+    round) clipped to the run (continuous).
     """
-    k = min(cfg.federation.clients_per_round, len(available))
-    rng = np.random.default_rng([cfg.seed, server_round])
-    pool = sorted(available)
-    forced: list[int] = []
-    if cfg.attack.force_sampled and num_attackers(cfg) > 0:
-        forced = [pid for pid in attackers_due(cfg, server_round) if pid in available]
-        bad = set(malicious_ids(cfg))
-        pool = [pid for pid in pool if pid not in bad]
-    need = max(k - len(forced), 0)
-    if need > len(pool):
-        raise RuntimeError(f"round {server_round}: {need} benign clients needed but only {len(pool)} are available")
-    drawn = rng.choice(len(pool), size=need, replace=False) if need else []
-    return sorted(forced + [pool[int(i)] for i in drawn])
+    if single_shot:
+        return {start_round}
+    end = last_round if end_round is None else min(end_round, last_round)
+    return set(range(start_round, end + 1))
+
+
+@dataclass(frozen=True)
+class AttackSchedule:
+    """The malicious partition ids in attacker order, and the rounds in which each attacker attacks."""
+
+    malicious: list[int]
+    rounds: list[set[int]]
+
+    def attack_rounds(self, attacker_index: int) -> set[int]:
+        """Rounds in which attacker `attacker_index` (position in `malicious`) attacks."""
+        return self.rounds[attacker_index]
+
+    def attacker_index(self, partition_id: int) -> int | None:
+        """Position of a partition in `malicious` (None for a benign partition)."""
+        return self.malicious.index(partition_id) if partition_id in self.malicious else None
+
+    def attackers_due(self, server_round: int) -> list[int]:
+        """Partition ids of the attackers scheduled to attack in `server_round`."""
+        return [pid for pid, rounds in zip(self.malicious, self.rounds) if server_round in rounds]
+
+    def is_attack_round(self, partition_id: int, server_round: int) -> bool:
+        """Whether this malicious partition attacks in this round (benign partitions never do)."""
+        index = self.attacker_index(partition_id)
+        return index is not None and server_round in self.rounds[index]
+
+    def max_due(self, num_rounds: int) -> int:
+        """Largest number of attackers due in a single round of a run of `num_rounds` rounds."""
+        return max((len(self.attackers_due(r)) for r in range(1, num_rounds + 1)), default=0)
+
+
+@dataclass(frozen=True)
+class RoundSampler:
+    """Seeded sample of partition ids for each round, sorted by partition id.
+
+    With `force_attackers`, the attackers due in a round are always in its sample and the rest is drawn
+    from the benign partitions (the FLIP paper's fixed adversary list); malicious clients not due that
+    round are not drawn. Otherwise every available partition is equally likely.
+    """
+
+    seed: int
+    clients_per_round: int
+    schedule: AttackSchedule
+    force_attackers: bool = True
+
+    def sample(self, server_round: int, available: list[int]) -> list[int]:
+        """The partition ids sampled in `server_round` among the `available` ones."""
+        k = min(self.clients_per_round, len(available))
+        rng = numpy_rng(self.seed, server_round)
+        pool = sorted(available)
+        forced: list[int] = []
+        if self.force_attackers and self.schedule.malicious:
+            forced = [pid for pid in self.schedule.attackers_due(server_round) if pid in available]
+            bad = set(self.schedule.malicious)
+            pool = [pid for pid in pool if pid not in bad]
+        need = max(k - len(forced), 0)
+        if need > len(pool):
+            raise RuntimeError(f"round {server_round}: {need} benign clients needed but only {len(pool)} are available")
+        drawn = rng.choice(len(pool), size=need, replace=False) if need else np.empty(0, dtype=np.int64)
+        return sorted(forced + [pool[int(i)] for i in drawn])

@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flip_fl.federation.protocol import read_partition
 from flip_fl.federation.runtime import SimulationError
 
 RoundCallback = Callable[[Any, int, ArrayRecord], MetricRecord]
@@ -55,9 +56,9 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[in
         time.sleep(0.1)
     messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    mapping = {m.metadata.src_node_id: int(m.content["info"]["partition-id"]) for m in replies if not m.has_error()}
+    mapping = {m.metadata.src_node_id: read_partition(m.content) for m in replies if not m.has_error()}
     if len(mapping) != num_clients:
-        errors = "; ".join(m.error.reason for m in replies if m.has_error())[:500]
+        errors = "; ".join(m.error.reason or "" for m in replies if m.has_error())[:500]
         raise SimulationError(f"only {len(mapping)} of {num_clients} clients answered the start-up query. {errors}")
     return mapping
 

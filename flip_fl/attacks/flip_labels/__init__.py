@@ -11,8 +11,10 @@ Pipeline on plain tensors (`x`: N x C x H x W in [0, 1], `y`: N int64):
    `evaluate_cta_pta`.
 """
 
+from flip_fl.training import soft_cross_entropy
+
 from .augment import AugmentSettings, augment, paired_augment
-from .common import TrainSettings, soft_cross_entropy
+from .common import TrainSettings
 from .experts import Checkpoint, Expert, ExpertSettings, checkpoint_steps, load_trajectory, train_expert
 from .flips import (
     aggregate_margins,

@@ -10,8 +10,9 @@ Conventions used across `flip_fl.labels`:
   `torch.Generator`; model initialisation is seeded from it too (see `build_model`), so a
   fixed generator seed reproduces a run on a fixed device.
 * A dataset of `M` items is cut each epoch into `ceil(M / batch_size)` near-equal minibatches
-  (`torch.tensor_split` of a random permutation): every item is used, no batch is tiny, and any
-  `M >= 2` works (the official code dropped the last batch and assumed >= 201 batches per epoch).
+  (`flip_fl.training.even_batches`): every item is used, no batch is tiny, and any `M >= 2` works
+  (the official code dropped the last batch and assumed >= 201 batches per epoch).
+* Training runs the one SGD loop of flip-fl, `flip_fl.training.sgd_epochs`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flip_fl.training import even_batches, sgd, sgd_epochs
 
 from .augment import AugmentSettings, paired_augment
 
@@ -72,15 +74,8 @@ def num_classes_of(model: nn.Module, x: Tensor) -> int:
     return int(width)
 
 
-def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """A random permutation of `range(n_items)` cut into `ceil(n_items / batch_size)` parts."""
-    if n_items < 1 or batch_size < 1:
-        raise ValueError(f"need n_items >= 1 and batch_size >= 1, got {n_items}, {batch_size}")
-    perm = torch.randperm(n_items, generator=generator)
-    return list(torch.tensor_split(perm, math.ceil(n_items / batch_size)))
-
-
 def steps_per_epoch(n_items: int, batch_size: int) -> int:
+    """Minibatches per epoch of `n_items` items (`ceil(n_items / batch_size)`)."""
     return math.ceil(n_items / batch_size)
 
 
@@ -107,6 +102,17 @@ def poison_source_indices(
     return torch.cat([candidates.repeat(full), extra])
 
 
+def poisoned_data(x: Tensor, y: Tensor, apply_trigger: Trigger, source: int, target: int, n_copies: int | None,
+                  num_classes: int, generator: torch.Generator) -> PoisonedData:
+    """The expert's training set: the clean images plus `n_copies` triggered source-class copies.
+
+    `n_copies=None` means one class's worth, `len(x) // num_classes` (5000 for CIFAR-10, as in the paper).
+    """
+    if n_copies is None:
+        n_copies = len(x) // num_classes
+    return PoisonedData(x, y, poison_source_indices(y, source, target, n_copies, generator), apply_trigger, target)
+
+
 class PoisonedData:
     """The expert's training set: `N` clean items followed by `P` triggered copies.
 
@@ -123,6 +129,7 @@ class PoisonedData:
         return len(self.x) + len(self.copy_of)
 
     def clean_index(self, items: Tensor) -> Tensor:
+        """The clean image (and label logit) each item belongs to."""
         n = len(self.x)
         items = items.to(self.x.device)
         if len(self.copy_of) == 0:
@@ -150,22 +157,6 @@ class PoisonedData:
         return x_pois, y_pois, x_clean, idx
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over the batch of `-sum_c targets[c] * log_softmax(logits)[c]`."""
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-
-def make_sgd(model: nn.Module, settings: TrainSettings) -> torch.optim.SGD:
-    """`SGD(model.parameters(), ...)`: one param group, params in `named_parameters` order."""
-    return torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        nesterov=settings.nesterov,
-        weight_decay=settings.weight_decay,
-    )
-
-
 def sgd_train(
     model: nn.Module,
     n_items: int,
@@ -176,37 +167,31 @@ def sgd_train(
     progress: Progress | None = None,
     stage: str = "train",
 ) -> torch.optim.SGD:
-    """Train `model` in place; `make_batch(items) -> (x, targets)`.
+    """Train `model` in place with `settings` on the SGD loop of `flip_fl.training`; returns the optimizer.
 
-    `targets` are int64 class ids (cross-entropy) or `B x C` probabilities (soft cross-entropy).
-    `on_step(step, optimizer)` runs before the first update (step 0) and after every update
-    (step = number of updates done so far). Returns the optimizer.
+    `make_batch(items) -> (x, targets)`; `targets` are int64 class ids (cross-entropy) or `B x C`
+    probabilities (soft cross-entropy). Batches are `even_batches`. `on_step(step, optimizer)` runs before
+    the first update (step 0) and after every update (step = number of updates done so far).
     """
-    opt = make_sgd(model, settings)
+    opt = sgd(model, settings.lr, settings.momentum, settings.weight_decay, settings.nesterov)
     sched = (
         torch.optim.lr_scheduler.MultiStepLR(opt, list(settings.lr_milestones), settings.lr_gamma)
         if settings.lr_milestones
         else None
     )
-    total = settings.epochs * steps_per_epoch(n_items, settings.batch_size)
-    step = 0
+    per_epoch = steps_per_epoch(n_items, settings.batch_size)
+    total = settings.epochs * per_epoch
     model.train()
     if on_step is not None:
-        on_step(step, opt)
-    for epoch in range(settings.epochs):
-        for items in epoch_batches(n_items, settings.batch_size, generator):
-            xb, tb = make_batch(items)
-            out = model(xb)
-            loss = F.cross_entropy(out, tb) if tb.dtype == torch.long else soft_cross_entropy(out, tb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if on_step is not None:
-                on_step(step, opt)
-            if progress is not None:
-                progress({"stage": stage, "epoch": epoch, "step": step, "total": total,
-                          "loss": float(loss.detach())})
-        if sched is not None:
-            sched.step()
+        on_step(0, opt)
+
+    def after_step(step: int, loss: float) -> None:
+        if on_step is not None:
+            on_step(step, opt)
+        if progress is not None:
+            progress({"stage": stage, "epoch": (step - 1) // per_epoch, "step": step, "total": total, "loss": loss})
+
+    sgd_epochs(model, opt, n_items, make_batch, epochs=settings.epochs, batch_size=settings.batch_size,
+               generator=generator, batches=even_batches, after_step=after_step,
+               on_epoch_end=(lambda _: sched.step()) if sched is not None else None)
     return opt

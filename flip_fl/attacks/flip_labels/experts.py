@@ -20,13 +20,12 @@ from torch import Tensor, nn
 
 from .common import (
     ModelFn,
-    PoisonedData,
     Progress,
     TrainSettings,
     Trigger,
     build_model,
     num_classes_of,
-    poison_source_indices,
+    poisoned_data,
     sgd_train,
     steps_per_epoch,
 )
@@ -47,6 +46,8 @@ class ExpertSettings(TrainSettings):
 
 @dataclass
 class Checkpoint:
+    """One saved step of an expert: model and optimizer state."""
+
     step: int
     model_state: dict[str, Tensor]
     optimizer_state: dict
@@ -54,6 +55,8 @@ class Checkpoint:
 
 @dataclass
 class Expert:
+    """A trained expert, its optimizer and the steps saved to disk."""
+
     model: nn.Module
     optimizer: torch.optim.SGD
     checkpoint_steps: list[int]
@@ -65,10 +68,6 @@ def checkpoint_steps(total_steps: int, every: int) -> list[int]:
     if steps[-1] != total_steps:
         steps.append(total_steps)
     return steps
-
-
-def default_poison_copies(n_images: int, num_classes: int) -> int:
-    return n_images // num_classes
 
 
 def train_expert(
@@ -98,11 +97,8 @@ def train_expert(
         raise ValueError(f"checkpoint_dir {out_dir} already holds a trajectory; use an empty directory")
 
     model = build_model(model_fn, generator, x.device)
-    n_copies = settings.n_poison_copies
-    if n_copies is None:
-        n_copies = default_poison_copies(len(x), num_classes_of(model, x))
-    data = PoisonedData(x, y, poison_source_indices(y, source, target, n_copies, generator),
-                        apply_trigger, target)
+    data = poisoned_data(x, y, apply_trigger, source, target, settings.n_poison_copies, num_classes_of(model, x),
+                         generator)
 
     total = settings.epochs * steps_per_epoch(len(data), settings.batch_size)
     wanted = set(checkpoint_steps(total, settings.checkpoint_every))

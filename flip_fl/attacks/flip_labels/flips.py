@@ -95,6 +95,7 @@ def select_flips(
 
 
 def apply_flips(y: Tensor, indices: Tensor, new_labels: Tensor) -> Tensor:
+    """A copy of `y` with `new_labels` at `indices`."""
     out = y.clone()
     out[indices] = new_labels.to(y.dtype)
     return out

@@ -25,27 +25,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flip_fl.training import even_batches, soft_cross_entropy
+
 from .augment import AugmentSettings
 from .common import (
     ModelFn,
-    PoisonedData,
     Progress,
     Trigger,
     build_model,
-    epoch_batches,
     num_classes_of,
-    poison_source_indices,
-    soft_cross_entropy,
+    poisoned_data,
     steps_per_epoch,
 )
-from .experts import Checkpoint, default_poison_copies
+from .experts import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,8 @@ class MatchSettings:
 
 @dataclass(frozen=True)
 class SGDHyper:
+    """Hyper-parameters of a `torch.optim.SGD` step."""
+
     lr: float
     momentum: float = 0.0
     dampening: float = 0.0
@@ -203,7 +204,7 @@ def matching_loss(
                               start.momentum, start.hyper)
     num = sum(((phi[n] - theta_k1[n]) ** 2).sum() for n in phi)
     den = sum(((start.params[n] - theta_k1[n]) ** 2).sum() for n in phi)
-    return num / den
+    return cast(Tensor, num / den)
 
 
 def optimize_labels(
@@ -232,11 +233,7 @@ def optimize_labels(
     model = build_model(model_fn, generator, device)
     num_classes = num_classes_of(model, x)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # hyper-params come from checkpoints
-    n_copies = settings.n_poison_copies
-    if n_copies is None:
-        n_copies = default_poison_copies(len(x), num_classes)
-    data = PoisonedData(x, y, poison_source_indices(y, source, target, n_copies, generator),
-                        apply_trigger, target)
+    data = poisoned_data(x, y, apply_trigger, source, target, settings.n_poison_copies, num_classes, generator)
 
     one_hot = F.one_hot(y, num_classes).to(x.dtype)
     logits = (settings.init_scale * one_hot).requires_grad_(True)
@@ -250,10 +247,11 @@ def optimize_labels(
     step = 0
     for pass_ in range(settings.passes):
         start = draw() if settings.checkpoint_per == "pass" else None
-        for items in epoch_batches(len(data), settings.batch_size, generator):
+        for items in even_batches(len(data), settings.batch_size, generator):
             if settings.checkpoint_per == "batch":
                 start = draw()
             x_pois, y_pois, x_clean, idx = data.batch(items, settings.augment, generator)
+            assert start is not None  # drawn per pass or per batch
             loss = matching_loss(model, optimizer, start, x_pois, y_pois, x_clean,
                                  torch.softmax(logits[idx], dim=1))
             if settings.l1_lambda:

@@ -14,7 +14,6 @@ run can be resumed or continued stage by stage (`python sim.py labels --stage ..
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from collections.abc import Callable
@@ -46,7 +45,10 @@ from flip_fl.attacks.flip_labels import (
 from flip_fl.attacks.triggers import build_trigger
 from flip_fl.config import Config, LabelsConfig
 from flip_fl.data import ImageDataset
+from flip_fl.device import torch_device
 from flip_fl.models import build_model
+from flip_fl.seeds import label_stage_seed
+from flip_fl.tables import markdown_table, write_csv
 
 STAGES = ("experts", "labels", "flips", "user")
 DONE = "done.json"
@@ -83,17 +85,20 @@ def _augment(s: LabelsConfig) -> AugmentSettings:
 
 
 def expert_settings(s: LabelsConfig) -> ExpertSettings:
+    """Expert training from `labels.*`."""
     return ExpertSettings(epochs=s.expert_epochs, batch_size=s.batch_size, lr=s.expert_lr,
                           weight_decay=s.expert_weight_decay, augment=_augment(s),
                           checkpoint_every=s.checkpoint_every, n_poison_copies=s.poison_copies)
 
 
 def match_settings(s: LabelsConfig) -> MatchSettings:
+    """Trajectory matching from `labels.*`."""
     return MatchSettings(passes=s.passes, batch_size=s.batch_size, label_lr=s.label_lr,
                          label_momentum=s.label_momentum, n_poison_copies=s.poison_copies, augment=_augment(s))
 
 
 def user_settings(s: LabelsConfig) -> UserSettings:
+    """User-model training from `labels.*` (lr x0.1 at 3/8 and 5/8 of the epochs)."""
     milestones = tuple(sorted({max(1, round(s.user_epochs * f)) for f in (3 / 8, 5 / 8)}))
     return UserSettings(epochs=s.user_epochs, batch_size=s.batch_size, lr=s.user_lr,
                         lr_milestones=milestones, augment=_augment(s))
@@ -147,6 +152,7 @@ def trajectory(task: LabelTask, out: Path) -> list:
 
 
 def run_labels(task: LabelTask, out: Path, generator: torch.Generator, log: Callable[[str], None]) -> None:
+    """Optimise the label logits of every label run not yet done (requires the experts stage)."""
     checkpoints = None
     for r in range(task.settings.label_runs):
         path = out / "labels" / f"logits_{r}.pt"
@@ -161,6 +167,7 @@ def run_labels(task: LabelTask, out: Path, generator: torch.Generator, log: Call
 
 
 def load_logits(task: LabelTask, out: Path) -> list[Tensor]:
+    """The label logits of every label run (requires the labels stage)."""
     paths = [out / "labels" / f"logits_{r}.pt" for r in range(task.settings.label_runs)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -169,6 +176,7 @@ def load_logits(task: LabelTask, out: Path) -> list[Tensor]:
 
 
 def run_flips(task: LabelTask, out: Path, log: Callable[[str], None]) -> None:
+    """Select and save the flips of every budget (requires the labels stage)."""
     logits = load_logits(task, out)
     y = task.y.cpu()
     folder = out / "flips"
@@ -199,6 +207,7 @@ def _describe(scores: LabelScores) -> str:
 
 def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Generator,
              log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Train user models on the clean labels, each budget's flips and the baselines; write the table."""
     x_test, y_test = all_on(test, task.x.device)
     y = task.y
     logits = torch.stack(load_logits(task, out)).mean(0).to(y.device) if task.settings.soft else None
@@ -235,26 +244,23 @@ def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Ge
 def write_table(folder: Path, rows: list[dict[str, Any]]) -> None:
     """results.csv and a markdown table budget -> CTA / PTA."""
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| budget | flips | labels | CTA | PTA | PTA without trigger |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['budget']} | {r['flips']} | {r['labels']} | {100 * r['cta']:.2f} | {100 * r['pta']:.2f} "
-              f"| {100 * r['pta_clean']:.2f} |" for r in rows]
+    write_csv(folder / "results.csv", rows)
+    lines = markdown_table(["budget", "flips", "labels", "CTA", "PTA", "PTA without trigger"],
+                           [[str(r["budget"]), str(r["flips"]), str(r["labels"]), f"{100 * r['cta']:.2f}",
+                             f"{100 * r['pta']:.2f}", f"{100 * r['pta_clean']:.2f}"] for r in rows])
     (folder / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def run_stages(cfg: Config, train: ImageDataset, test: ImageDataset, out: Path, stages: list[str],
                log: Callable[[str], None] = print) -> dict[str, float]:
     """Run `stages` (in pipeline order) on `train`; returns and records seconds per stage."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device(cfg.resources.num_gpus)
     out.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg, train, device)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for stage in [s for s in STAGES if s in stages]:
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + STAGES.index(stage))
+        generator = torch.Generator().manual_seed(label_stage_seed(cfg.seed, STAGES.index(stage)))
         started = time.time()
         if stage == "experts":
             run_experts(task, out, generator, log, test)
@@ -270,9 +276,9 @@ def run_stages(cfg: Config, train: ImageDataset, test: ImageDataset, out: Path, 
     return timings
 
 
-def local_flip_labels(cfg: Config, data: ImageDataset, workdir: Path) -> np.ndarray:
+def local_flip_labels(cfg: Config, data: ImageDataset, workdir: Path, device: torch.device) -> np.ndarray:
     """An attacker's own FLIP labels for its local data (experts, matching, flips at labels.client_budget)."""
-    task = make_task(cfg, data, torch.device("cpu"))
+    task = make_task(cfg, data, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
     run_experts(task, workdir, generator, quiet)

@@ -25,6 +25,7 @@ UNIVERSAL = -1
 """Source index used in `TriggerCache` keys for a universal (all-sources) trigger."""
 
 
+# long: rewritten for issue 12 (Fast FLIP)
 def harden_batch(
     x: Tensor,
     y: Tensor,
@@ -243,14 +244,15 @@ class TriggerCache:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TriggerCache:
+        """Inverse of `to_arrays`."""
         keys = [tuple(int(v) for v in k) for k in np.asarray(arrays["keys"]).reshape(-1, 2)]
         masks = {k: np.array(arrays["masks"][i], dtype=np.float32) for i, k in enumerate(keys)}
         patterns = {k: np.array(arrays["patterns"][i], dtype=np.float32) for i, k in enumerate(keys)}
         return cls(
             num_classes=int(arrays["num_classes"]),
             mask_sizes=np.array(arrays["mask_sizes"], dtype=np.float64),
-            masks=masks,
-            patterns=patterns,
+            masks=masks,  # type: ignore[arg-type]
+            patterns=patterns,  # type: ignore[arg-type]
             warmed_up=bool(arrays["warmed_up"]),
         )
 

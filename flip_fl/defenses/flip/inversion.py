@@ -195,6 +195,7 @@ def _uniform(shape, lo: float, hi: float, generator: torch.Generator) -> Tensor:
     return torch.rand(shape, generator=generator) * (hi - lo) + lo
 
 
+# long: rewritten for issue 12 (Fast FLIP)
 def invert_triggers(
     model: nn.Module,
     tasks: Sequence[Task],
@@ -303,7 +304,7 @@ def invert_triggers(
                     xb, sb, tb = xs[idx_d], seg_all_d[idx_d], tgt_all_d[idx_d]
 
                 m = _from_param(theta_m, s.epsilon)
-                p = _from_param(theta_p, s.epsilon)
+                p = _from_param(theta_p, s.epsilon)  # type: ignore[assignment]
                 mi = m[sb]
                 x_adv = (1.0 - mi) * xb + mi * p[sb]
                 logits = model(x_adv)

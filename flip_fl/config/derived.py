@@ -1,0 +1,50 @@
+"""Facts derived from a config that several layers need: the attack schedule, the round sampler and f.
+
+One function each, so the rule lives in one place (the validation, the strategies and the run all use
+these).
+"""
+
+from __future__ import annotations
+
+from flip_fl.config.sections import Config
+from flip_fl.federation.schedule import AttackSchedule, RoundSampler, attack_window, draw_attackers
+
+
+def num_attackers(cfg: Config) -> int:
+    """How many malicious clients the config asks for."""
+    if cfg.attack.malicious_ids is not None:
+        return len(cfg.attack.malicious_ids)
+    return cfg.attack.num_malicious
+
+
+def attack_schedule(cfg: Config) -> AttackSchedule:
+    """Malicious partition ids (explicit, or a seeded draw) and each attacker's rounds."""
+    attack, fed = cfg.attack, cfg.federation
+    if attack.malicious_ids is not None:
+        malicious = list(attack.malicious_ids)
+    else:
+        malicious = draw_attackers(cfg.seed, fed.num_clients, num_attackers(cfg))
+    rounds: list[set[int]] = []
+    for i in range(len(malicious)):
+        if attack.rounds is not None:
+            item = attack.rounds[i]
+            rounds.append(set(item) if isinstance(item, list) else {item})
+        else:
+            rounds.append(attack_window(attack.mode == "single_shot", attack.start_round, attack.end_round,
+                                        fed.num_rounds))
+    return AttackSchedule(malicious, rounds)
+
+
+def round_sampler(cfg: Config) -> RoundSampler:
+    """The seeded per-round sample of clients, attackers forced in when `attack.force_sampled`."""
+    return RoundSampler(cfg.seed, cfg.federation.clients_per_round, attack_schedule(cfg), cfg.attack.force_sampled)
+
+
+def max_attackers_per_round(cfg: Config) -> int:
+    """Largest number of attackers due in a single round (bounds forced sampling)."""
+    return attack_schedule(cfg).max_due(cfg.federation.num_rounds)
+
+
+def assumed_malicious(cfg: Config) -> int:
+    """F assumed by Krum, Multi-Krum, Bulyan and RLR: defense.num_malicious, or the most attackers due in a round."""
+    return cfg.defense.num_malicious if cfg.defense.num_malicious is not None else max_attackers_per_round(cfg)
