@@ -1,4 +1,9 @@
-"""FLIP label-only backdoor (Jha, Hayase, Oh; NeurIPS 2023), torch-level core.
+"""The FLIP label-only backdoor attack (Jha, Hayase, Oh; NeurIPS 2023), torch-level core.
+
+Not the FLIP defense (Zhang et al., ICLR 2023, `flip_fl.defenses.flip`). The attacker changes labels only:
+it picks which training labels to flip so that a model trained on them learns a trigger it never saw.
+`pipeline` runs the steps below as resumable stages (`sim.py labels`); `clients.FlipLabelClient` is the
+label-only poisoner in a federation.
 
 Pipeline on plain tensors (`x`: N x C x H x W in [0, 1], `y`: N int64):
 
