@@ -14,6 +14,16 @@ from tests.tiny import tiny_config
 
 quiet_environment()  # before any test module imports flwr, which reads its telemetry switch on import
 
+# The slowest modules, slowest first: with two pytest-xdist workers and whole files per worker
+# (`-n 2 --dist loadfile` in pyproject.toml) the longest file starts at once and the rest runs beside it.
+SLOW_FIRST = ("test_flip_e2e.py", "test_sweep.py", "test_attacks_e2e.py", "test_e2e_core.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the slow modules first (stable: the order within a module is kept)."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def single_torch_thread():
