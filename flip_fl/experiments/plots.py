@@ -110,7 +110,7 @@ def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]
 
 
 def _round_axis(ax: Any, last: int) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # imported here: matplotlib is heavy and only plots need it
 
     ax.set_xlim(-0.3, max(last, 1) + 0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -121,7 +121,7 @@ def _round_axis(ax: Any, last: int) -> None:
 
 def _styles(n: int) -> list[tuple[Any, str]]:
     """Distinct (color, line style) pairs: the ten tab10 colors, solid first, then dashed, then dotted."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # imported here: matplotlib is heavy and only plots need it
 
     cmap = colormaps["tab10"]
     return [(cmap(i % 10), ("-", "--", ":")[(i // 10) % 3]) for i in range(n)]
