@@ -26,6 +26,8 @@ FLTRUST_TRAINING = 0xF1
 """The server's own training on FLTrust's root data, per round: `torch_generator(seed, round, FLTRUST_TRAINING)`."""
 DEFENSE_NOISE = 0xDEF
 """Noise that defenses add to the aggregate (weak DP, FLAME), per round."""
+VALIDATION = 0xA1D
+"""The validation split held out of the test set for choosing tau (`server.validation_size`)."""
 
 
 class ClientStream(IntEnum):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flip_fl.config import Config, to_yaml
 from flip_fl.tables import write_csv
+
+if TYPE_CHECKING:
+    from flip_fl.experiments.round_files import RoundSink
 
 
 def _clean(value: Any) -> Any:
@@ -42,9 +46,10 @@ def format_round(row: dict[str, Any]) -> str:
 class RunRecorder:
     """Writes `config.yaml` at once, appends `metrics.jsonl` per round, and the final files at the end."""
 
-    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True) -> None:
+    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True, sinks: Sequence[RoundSink] = ()) -> None:
         self.out_dir = out_dir
         self.echo = echo
+        self.sinks = list(sinks)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -58,8 +63,15 @@ class RunRecorder:
         self.rows.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        for sink in self.sinks:
+            sink.write(row)
         if self.echo:
             print(format_round(row), flush=True)
+
+    def close(self) -> None:
+        """Close the round sinks (CSV tables, TensorBoard)."""
+        for sink in self.sinks:
+            sink.close()
 
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
         """Save the final global model (`final_model.pt`)."""
