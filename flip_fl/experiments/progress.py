@@ -35,15 +35,17 @@ def duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
-def client_timings(partition: int, metrics: Mapping[str, float] | None, error: str | None) -> str:
+def client_timings(partition: int, metrics: Mapping[str, float] | None, error: str | None,
+                   malicious: bool = False) -> str:
     """`client 4: 41.0s (invert 30.1s, harden 10.9s)` from the timings a client reported, or its failure."""
+    name = f"client {partition}" + (" (malicious)" if malicious else "")
     if error is not None:
-        return f"client {partition}: FAILED"
+        return f"{name}: FAILED"
     metrics = metrics or {}
     total = metrics.get("train_seconds")
     parts = [f"{k.removesuffix('_seconds')} {v:.1f}s" for k, v in sorted(metrics.items())
              if k.endswith("_seconds") and k != "train_seconds"]
-    head = f"client {partition}: " + (f"{total:.1f}s" if total is not None else "done")
+    head = f"{name}: " + (f"{total:.1f}s" if total is not None else "done")
     return head + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -138,6 +140,7 @@ class LiveProgress(Progress):
         self.replied = 0
         self.failed = 0
         self.round_start = time.time()
+        self.malicious: set[int] = set()
         self.recent: deque[str] = deque(maxlen=4)
         self.live = Live(console=self.console, get_renderable=self._render, refresh_per_second=4, transient=True)
         self.live.start()
@@ -153,6 +156,7 @@ class LiveProgress(Progress):
         with self.lock:
             self.status = "round"
             self.server_round, self.sampled, self.replied, self.failed = server_round, len(sampled), 0, 0
+            self.malicious = set(malicious)
             self.round_start = time.time()
             self.recent.clear()
 
@@ -162,7 +166,7 @@ class LiveProgress(Progress):
         with self.lock:
             self.replied += 1
             self.failed += error is not None
-            self.recent.appendleft(client_timings(partition, metrics, error))
+            self.recent.appendleft(client_timings(partition, metrics, error, partition in self.malicious))
 
     def round_finished(self, row: Mapping[str, Any]) -> None:
         """Print the round's line above the live area."""
