@@ -22,8 +22,8 @@ from flip_fl.federation.observe import ObservedGrid
 from flip_fl.federation.rounds import RoundRecord
 
 # The reason of a Flower error reply for a client that raised (as seen on 2026-11-30, Flower 1.42, Ray 2.55).
-CLIENT_RAISED = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m \
-(pid=20896, ip=192.0.2.2, actor_id=e9aac98, repr=<flwr.simulation.ray_transport.ray_actor.ClientAppActor object>)
+CLIENT_RAISED = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\
+\x1b[39m (pid=20896, ip=192.0.2.2, actor_id=e9aac98, repr=<ClientAppActor object>)
                   ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
   File "/work/flip_fl/federation/client_app.py", line 52, in train
     result = client.fit(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(), task.info)
