@@ -39,6 +39,7 @@ def piped_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     cfg["clients"] = {"benign": "broken_clients.OneBrokenClient"}
     cfg["attack"] = {"num_malicious": 1, "malicious_ids": [2], "poison_fraction": 0.5}
     cfg["results"] = {"tensorboard": True}
+    cfg["server"] = {"validation_size": 100}
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(work)}  # the user's client module, as a user would make it importable
     result = subprocess.run([sys.executable, str(ROOT / "sim.py"), "--config", "run.yaml", "--output-dir", "out"],
@@ -89,3 +90,5 @@ def test_csv_tables_and_tensorboard_agree_with_metrics_jsonl(piped_run):
     assert [(e.step, e.value) for e in acc.Scalars("clean_acc")] == [
         (r["round"], pytest.approx(r["clean_acc"])) for r in rows]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    sweep = pd.read_csv(out / "threshold_sweep.csv")
+    assert sweep["split"].value_counts().to_dict() == {"test": 20, "validation": 20}
