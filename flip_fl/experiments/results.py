@@ -32,6 +32,8 @@ def _clean(value: Any) -> Any:
 def format_round(row: dict[str, Any]) -> str:
     """One compact terminal line for a round."""
     parts = [f"round {row['round']:>3}", f"acc {row['clean_acc']:.4f}", f"asr {row['asr']:.4f}"]
+    if row.get("asr_no_trigger") is not None:
+        parts[-1] += f" (no trigger {row['asr_no_trigger']:.4f})"
     if row.get("threshold", 0.0) > 0:
         parts += [f"acc@tau {row['clean_acc_thresholded']:.4f}", f"asr@tau {row['asr_thresholded']:.4f}",
                   f"rej {row['clean_reject_rate']:.3f}/{row['backdoor_reject_rate']:.3f}"]
