@@ -35,6 +35,12 @@ def is_out_of_memory(reason: str) -> bool:
     return any(marker in reason for marker in OOM_MARKERS)
 
 
+def memory_hint(reason: str) -> str:
+    """What to do about an out-of-memory kill, with the node's memory use when Ray reported it."""
+    usage = _MEMORY.search(reason)
+    return OOM_HINT + (f" (Ray saw {usage[1]} of {usage[2]} in use)" if usage else "")
+
+
 def _clip(text: str, limit: int = MAX_REASON) -> str:
     """`text` cut at a word boundary to at most `limit` characters (with an ellipsis when cut)."""
     if len(text) <= limit:
@@ -49,9 +55,7 @@ def short_reason(reason: str) -> str:
     Out-of-memory kills become `out of memory: ...` with the node's memory use.
     """
     if is_out_of_memory(reason):
-        usage = _MEMORY.search(reason)
-        return "out of memory: Ray killed the client's worker" + (
-            f" (node memory {usage[1]} of {usage[2]} in use)" if usage else "")
+        return "out of memory: Ray killed the client's worker"
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     for line in lines:
         match = _EXCEPTION_LINE.match(line)
@@ -101,8 +105,9 @@ def summary_lines(server_round: int, sampled: int, groups: Sequence[FailureGroup
     where = f"; traceback in {log_path}" if log_path is not None else ""
     lines = [f"round {server_round}: {len(g.partitions)} of {sampled} clients failed: {g.describe()}{where}"
              for g in groups]
-    if any(g.out_of_memory for g in groups):
-        lines.append(f"round {server_round}: {OOM_HINT}")
+    memory = [g for g in groups if g.out_of_memory]
+    if memory:
+        lines.append(f"round {server_round}: {memory_hint(memory[0].detail)}")
     return lines
 
 

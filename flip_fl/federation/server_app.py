@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from flip_fl.federation.failures import OOM_HINT, is_out_of_memory, short_reason
+from flip_fl.federation.failures import is_out_of_memory, memory_hint, short_reason
 from flip_fl.federation.observe import NullObserver, ObservedGrid, RoundObserver
 from flip_fl.federation.protocol import read_partition
 from flip_fl.federation.runtime import SimulationError
@@ -65,7 +65,8 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[in
         reasons = [m.error.reason or "" for m in replies if m.has_error()]
         counts = Counter(short_reason(r) for r in reasons)
         errors = "; ".join(f"{n}x {reason}" for reason, n in counts.items()) or "no reply"
-        hint = f". {OOM_HINT}" if any(is_out_of_memory(r) for r in reasons) else ""
+        memory = [r for r in reasons if is_out_of_memory(r)]
+        hint = f". {memory_hint(memory[0])}" if memory else ""
         raise SimulationError(f"only {len(mapping)} of {num_clients} clients answered the start-up query: "
                               f"{errors}{hint}")
     return mapping
