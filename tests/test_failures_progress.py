@@ -10,6 +10,7 @@ from rich.console import Console
 
 from flip_fl.experiments.monitor import RunMonitor
 from flip_fl.experiments.progress import LiveProgress, PlainProgress, client_timings, make_progress
+from flip_fl.experiments.results import flip_work, format_round
 from flip_fl.federation.failures import (
     OOM_HINT,
     ErrorLog,
@@ -138,6 +139,23 @@ def _text(live: LiveProgress) -> str:
 def test_client_timings_line():
     assert client_timings(3, {"train_seconds": 2.0}, None) == "client 3: 2.0s"
     assert client_timings(3, {}, None, malicious=True) == "client 3 (malicious): done"
+
+
+FLIP_STATS = {"train_seconds": 13.1, "invert_seconds": 3.8, "harden_seconds": 2.3, "flip_warmup": 1.0,
+              "flip_inversion_steps": 37.0, "flip_triggers_found": 5.0, "flip_directions": 15.0, "train_loss": 0.2}
+
+
+def test_flip_work_shows_in_the_client_line_and_the_round_line():
+    assert client_timings(3, FLIP_STATS, None) == ("client 3: 13.1s (harden 2.3s, invert 3.8s; warm-up, "
+                                                   "37 inversion steps, 5/15 triggers found)")
+    later = {**FLIP_STATS, "flip_warmup": 0.0, "flip_inversion_steps": 26.0}
+    assert client_timings(3, later, None).endswith(
+        "(harden 2.3s, invert 3.8s; 26 inversion steps, 5/15 triggers found)")
+    row = {"round": 2, "clean_acc": 0.97, "asr": 0.02, "seconds": 9.8, "sampled": [3, 4], "malicious": [4],
+           **{f"client_{k}": v for k, v in later.items()}}
+    assert format_round(row) == ("round   2 | acc 0.9700 | asr 0.0200 | sampled 2 (1 mal) | flip per client: invert "
+                                 "3.8s, harden 2.3s, 26 inversion steps, 5/15 triggers found | 9.8s")
+    assert "flip" not in format_round({**row, "client_invert_seconds": None}) and flip_work({"train_loss": 1}) == ""
 
 
 class FakeGrid:

@@ -30,7 +30,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -75,8 +75,15 @@ def plot_run(run_dir: Path) -> Path:
     it reports them. Attack rounds are shaded and named in the legend; the title names the setting.
     """
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    path = run_dir / "curves.png"
+    run_figure(read_metrics(run_dir), cfg).savefig(path, dpi=110)
+    return path
+
+
+def run_figure(rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> Any:
+    """The matplotlib Figure of `plot_run` from a run's metrics rows and its config (as a dict)."""
+    rows = list(rows)
     tau = float(cfg.get("defense", {}).get("threshold", 0.0))
     detection = any("defense_clients" in r or "detection_recall" in r for r in rows)
     fig, axes = _figure(1 + (tau > 0) + detection, width=9.0, height=3.2)
@@ -104,33 +111,37 @@ def plot_run(run_dir: Path) -> Path:
         _round_axis(ax, last)
         if ax.lines:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    path = run_dir / "curves.png"
-    fig.savefig(path, dpi=110)
-    return path
+    if tau > 0:  # rejection rates of a few percent are the cost a researcher weighs: do not flatten them on 0..1
+        rates = [v for key in ("clean_reject_rate", "backdoor_reject_rate") for v in _series(rows, key)[1]]
+        top = min(1.0, max([0.05, *rates]) * 1.15)
+        axes[1].set_ylim(-top * 0.03, top)
+    return fig
 
 
 def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, title: str,
                     attack_rounds: Sequence[int] = ()) -> Path:
+    """Write `comparison_figure(curves, title, attack_rounds)` to `path`."""
+    comparison_figure(curves, title, attack_rounds).savefig(path, dpi=110)
+    return path
+
+
+def comparison_figure(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], title: str,
+                      attack_rounds: Sequence[int] = ()) -> Any:
     """Clean accuracy, ASR and ASR without the trigger per round, one line per label (mean over seeds, band = +- std).
 
     `curves[label]["acc" | "asr" | "asr_no_trigger"]` holds one per-round series (from round 0) per seed;
-    `attack_rounds` are shaded and named in the legend.
+    a label whose runs reject low-confidence predictions (tau > 0) gives its thresholded accuracy and ASR
+    there and may add `"acc_no_rejection"` / `"asr_no_rejection"`, drawn thin and light in the same panels (what
+    the model itself does, before the server's rejection). `attack_rounds` are shaded and named in the legend.
     """
     panels = [("acc", "clean accuracy"), ("asr", "ASR (triggered)"), ("asr_no_trigger", "ASR without trigger")]
     fig, axes = _figure(len(panels), width=9.0, height=2.8)
     shade_attack_rounds(axes, attack_rounds)
     for (color, style), (label, series) in zip(_styles(len(curves)), curves.items()):
         for ax, (key, _) in zip(axes, panels):
-            runs = [np.asarray(s, dtype=float) for s in series.get(key, []) if len(s)]
-            if not runs:
-                continue
-            length = min(len(s) for s in runs)
-            stack = np.stack([s[:length] for s in runs])
-            mean, std = stack.mean(axis=0), stack.std(axis=0)
-            rounds = np.arange(length)
-            ax.plot(rounds, mean, style, color=color, label=label)
-            if len(runs) > 1:
-                ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            _mean_and_band(ax, series.get(key, []), color, style, label)
+            _mean_and_band(ax, series.get(f"{key}_no_rejection", []), color, style, f"{label}, no rejection",
+                           light=True)
     axes[0].set_title(textwrap.fill(title, 100), fontsize=8)
     for ax, (_, name) in zip(axes, panels):
         ax.set_ylabel(name, fontsize=8)
@@ -139,8 +150,22 @@ def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]
         _round_axis(ax, last)
     if axes[0].lines:
         axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
+
+
+def _mean_and_band(ax: Any, series: Sequence[Sequence[float]], color: Any, style: str, label: str,
+                   light: bool = False) -> None:
+    """The mean over seeds of per-round series, and a +- std band when there are several."""
+    runs = [np.asarray(s, dtype=float) for s in series if len(s)]
+    if not runs:
+        return
+    length = min(len(s) for s in runs)
+    stack = np.stack([s[:length] for s in runs])
+    mean, std = stack.mean(axis=0), stack.std(axis=0)
+    rounds = np.arange(length)
+    ax.plot(rounds, mean, style, color=color, label=label, lw=0.9 if light else 1.5, alpha=0.45 if light else 1.0)
+    if len(runs) > 1 and not light:
+        ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
 
 
 def _round_axis(ax: Any, last: int) -> None:

@@ -4,10 +4,12 @@ Three reporters with one interface:
 
 - `Progress`: shows nothing (library use, tests).
 - `PlainProgress`: plain lines, for logs, pipes and CI (and `--quiet`): one line per start-up phase, one
-  line per round (`format_round` plus the ETA), failure summaries on stderr.
+  line per round (`format_round` plus the ETA; with FLIP defense clients their mean inversion and hardening
+  time), failure summaries on stderr.
 - `LiveProgress`: a `rich` live display in a terminal: the current phase or round with a bar of the
   clients that replied, elapsed time and ETA over rounds, and each client's timings as its reply arrives
-  (FLIP clients report `invert_seconds` and `harden_seconds`); finished rounds scroll above it.
+  (FLIP clients report `invert_seconds`, `harden_seconds`, inversion steps and triggers found); finished
+  rounds scroll above it.
 
 `make_progress` picks plain output unless stdout is a terminal.
 """
@@ -22,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from flip_fl.experiments.results import format_round
+from flip_fl.experiments.results import flip_work, format_round
 
 
 def duration(seconds: float) -> str:
@@ -37,7 +39,10 @@ def duration(seconds: float) -> str:
 
 def client_timings(partition: int, metrics: Mapping[str, float] | None, error: str | None,
                    malicious: bool = False) -> str:
-    """`client 4: 41.0s (invert 30.1s, harden 10.9s)` from the timings a client reported, or its failure."""
+    """`client 4: 41.0s (harden 10.9s, invert 30.1s; 120 inversion steps, 3/9 triggers found)`, or its failure.
+
+    The timings a client reported, and what a FLIP defense client's inversion did (`flip_work`).
+    """
     name = f"client {partition}" + (" (malicious)" if malicious else "")
     if error is not None:
         return f"{name}: FAILED"
@@ -45,8 +50,9 @@ def client_timings(partition: int, metrics: Mapping[str, float] | None, error: s
     total = metrics.get("train_seconds")
     parts = [f"{k.removesuffix('_seconds')} {v:.1f}s" for k, v in sorted(metrics.items())
              if k.endswith("_seconds") and k != "train_seconds"]
+    inside = ", ".join(parts) + ("; " if parts and flip_work(metrics) else "") + flip_work(metrics)
     head = f"{name}: " + (f"{total:.1f}s" if total is not None else "done")
-    return head + (f" ({', '.join(parts)})" if parts else "")
+    return head + (f" ({inside})" if inside else "")
 
 
 @dataclass

@@ -197,7 +197,11 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
 
 
 def _curves(sweep: Sweep, results: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
-    """One comparison plot per column: every row's clean accuracy, ASR and ASR without trigger per round."""
+    """One comparison plot per column: every row's clean accuracy, ASR and ASR without trigger per round.
+
+    Rows with tau > 0 show their thresholded accuracy and ASR (as the table does), named with their tau,
+    beside the same curves without rejection.
+    """
     files = []
     for col in dict.fromkeys(r["column"] for r in results):
         curves: dict[str, dict[str, list[list[float]]]] = {}
@@ -205,14 +209,16 @@ def _curves(sweep: Sweep, results: list[dict[str, Any]], sweep_dir: Path) -> lis
         for r in results:
             if r["column"] != col or r["status"] != "ok":
                 continue
-            rows = _read_rows(sweep_dir / "runs" / r["run"])
-            series = curves.setdefault(r["row"], {"acc": [], "asr": [], "asr_no_trigger": []})
-            for key, column in (("acc", "clean_acc_thresholded"), ("asr", "asr_thresholded"),
-                                ("asr_no_trigger", "asr_no_trigger")):
-                series[key].append([np.nan if m.get(column) is None else m[column] for m in rows])
+            run_dir = sweep_dir / "runs" / r["run"]
+            rows, cfg = _read_rows(run_dir), yaml.safe_load((run_dir / "config.yaml").read_text())
+            tau = float(cfg.get("defense", {}).get("threshold", 0.0))
+            series = curves.setdefault(r["row"] + (f" (tau {tau:g})" if tau > 0 else ""), {})
+            keys = [("acc", "clean_acc_thresholded"), ("asr", "asr_thresholded"), ("asr_no_trigger", "asr_no_trigger")]
+            keys += [("acc_no_rejection", "clean_acc"), ("asr_no_rejection", "asr")] if tau > 0 else []
+            for key, column in keys:
+                series.setdefault(key, []).append([np.nan if m.get(column) is None else m[column] for m in rows])
             if not setting:
-                setting = describe_run(yaml.safe_load((sweep_dir / "runs" / r["run"] / "config.yaml").read_text()),
-                                       defense_and_seed=False)
+                setting = describe_run(cfg, defense_and_seed=False)
                 attack_rounds = [m["round"] for m in rows if m.get("attack_round")]
         if curves:
             name = "plot_" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", col).strip("_") + ".png"

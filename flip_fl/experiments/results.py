@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,23 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def flip_work(metrics: Mapping[str, Any], prefix: str = "") -> str:
+    """What a FLIP defense client's round did, from the stats it reports: `warm-up, 37 inversion steps, 5/15 triggers`.
+
+    `prefix`: `"client_"` to read a round row's means over the clients that reported them. Empty when the
+    metrics hold no FLIP stats (a plain client).
+    """
+    steps, found, tried = (metrics.get(f"{prefix}flip_{k}") for k in ("inversion_steps", "triggers_found",
+                                                                      "directions"))
+    if steps is None:
+        return ""
+    warmup = "warm-up, " if metrics.get(f"{prefix}flip_warmup") == 1 else ""
+    triggers = f", {found:.0f}/{tried:.0f} triggers found" if found is not None and tried is not None else ""
+    return f"{warmup}{steps:.0f} inversion steps{triggers}"
+
+
 def format_round(row: dict[str, Any]) -> str:
-    """One compact terminal line for a round."""
+    """One compact terminal line for a round (with FLIP defense clients: their mean inversion and hardening time)."""
     parts = [f"round {row['round']:>3}", f"acc {row['clean_acc']:.4f}", f"asr {row['asr']:.4f}"]
     if row.get("asr_no_trigger") is not None:
         parts[-1] += f" (no trigger {row['asr_no_trigger']:.4f})"
@@ -41,6 +56,9 @@ def format_round(row: dict[str, Any]) -> str:
         parts.append(f"sampled {len(row['sampled'])} ({len(row['malicious'])} mal)")
         if row.get("failures"):
             parts.append(f"FAILURES {row['failures']}")
+        if row.get("client_invert_seconds") is not None:
+            parts.append(f"flip per client: invert {row['client_invert_seconds']:.1f}s, harden "
+                         f"{row.get('client_harden_seconds', 0.0):.1f}s, {flip_work(row, 'client_')}")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
 
