@@ -108,6 +108,29 @@ def test_plain_progress_writes_one_line_per_phase_and_round_and_failures_to_stde
     assert isinstance(make_progress(2, stream=io.StringIO()), PlainProgress)  # not a terminal: plain lines
 
 
+def test_plain_progress_shows_the_replies_of_a_slow_round_as_they_arrive(monkeypatch):
+    import flip_fl.experiments.progress as progress_module
+
+    now = [1000.0]
+    monkeypatch.setattr(progress_module.time, "time", lambda: now[0])
+    out = io.StringIO()
+    progress = PlainProgress(3, out=out, err=io.StringIO(), slow_after=60.0)
+    progress.round_started(2, [3, 4, 6], [4])
+    now[0] += 10.0
+    progress.client_replied(2, 4, {"train_seconds": 9.0}, None)  # a quick reply: the round line will say it
+    assert out.getvalue() == ""
+    now[0] += 54.0
+    progress.client_replied(2, 3, FLIP_STATS, None)
+    progress.client_replied(2, 6, None, CLIENT_RAISED)
+    assert out.getvalue().splitlines() == [
+        "  round 2, 2/3 replied after 1m04s: client 3: 13.1s (harden 2.3s, invert 3.8s; warm-up, 37 inversion steps, "
+        "5/15 triggers found)",
+        "  round 2, 3/3 replied after 1m04s: client 6: FAILED"]
+    progress.round_started(3, [3, 4, 6], [4])  # a new round starts its own clock
+    progress.client_replied(3, 4, {"train_seconds": 9.0}, None)
+    assert len(out.getvalue().splitlines()) == 2
+
+
 def test_live_progress_shows_replies_timings_and_eta():
     console = Console(file=io.StringIO(), force_terminal=True, width=140)
     live = LiveProgress(3, console=console)

@@ -5,7 +5,7 @@ Three reporters with one interface:
 - `Progress`: shows nothing (library use, tests).
 - `PlainProgress`: plain lines, for logs, pipes and CI (and `--quiet`): one line per start-up phase, one
   line per round (`format_round` plus the ETA; with FLIP defense clients their mean inversion and hardening
-  time), failure summaries on stderr.
+  time), in a round slower than a minute an indented line per client reply, failure summaries on stderr.
 - `LiveProgress`: a `rich` live display in a terminal: the current phase or round with a bar of the
   clients that replied, elapsed time and ETA over rounds, and each client's timings as its reply arrives
   (FLIP clients report `invert_seconds`, `harden_seconds`, inversion steps and triggers found); finished
@@ -107,15 +107,39 @@ class Progress:
 
 
 class PlainProgress(Progress):
-    """Plain lines: one per phase and per round on `out`, failure summaries on `err`."""
+    """Plain lines: one per phase and per round on `out`, failure summaries on `err`.
 
-    def __init__(self, num_rounds: int, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    A round that runs longer than `slow_after` seconds (FLIP on a CPU: minutes) also gets an indented line
+    per client reply from then on, so a log being watched shows the round is alive and what the clients did.
+    """
+
+    def __init__(self, num_rounds: int, out: TextIO | None = None, err: TextIO | None = None,
+                 slow_after: float = 60.0) -> None:
         self.clock = RoundClock(num_rounds)
         self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.slow_after = slow_after
+        self.round_start = time.time()
+        self.sampled = 0
+        self.replied = 0
+        self.malicious: set[int] = set()
 
     def phase(self, text: str) -> None:
         """`[  2.1s] starting Ray`."""
         print(f"[{self.clock.elapsed():6.1f}s] {text}", file=self.out, flush=True)
+
+    def round_started(self, server_round: int, sampled: Sequence[int], malicious: Sequence[int]) -> None:
+        """Start the round's clock and reply count."""
+        self.round_start, self.sampled, self.replied, self.malicious = time.time(), len(sampled), 0, set(malicious)
+
+    def client_replied(self, server_round: int, partition: int, metrics: Mapping[str, float] | None,
+                       error: str | None) -> None:
+        """In a slow round: `  round 3, 2/5 replied after 1m04s: client 4: 41.0s (...)`."""
+        self.replied += 1
+        waited = time.time() - self.round_start
+        if waited >= self.slow_after:
+            timings = client_timings(partition, metrics, error, partition in self.malicious)
+            print(f"  round {server_round}, {self.replied}/{self.sampled} replied after {duration(waited)}: {timings}",
+                  file=self.out, flush=True)
 
     def round_finished(self, row: Mapping[str, Any]) -> None:
         """The round's line, with the ETA once a round has finished."""
