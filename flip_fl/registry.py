@@ -71,7 +71,7 @@ DATASETS = Registry("dataset", ("synthetic", "digits", "mnist", "fashion_mnist",
 MODELS = Registry("model", ("tiny_cnn", "mnist_cnn", "resnet18", "resnet32"))
 """Architectures `(num_classes, in_channels, image_size, **options) -> nn.Module`, in `flip_fl.models`."""
 
-TRIGGERS = Registry("trigger", ("pixel_pattern", "dba", "blended", "sinusoidal", "turner", "fixed_pixels"))
+TRIGGERS = Registry("trigger", ("pixel_pattern", "dba", "blended", "sinusoidal", "turner", "pixel", "fixed_pixels"))
 """Trigger classes, registered in `flip_fl.attacks.triggers`."""
 
 DEFENSES = Registry("defense", ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "norm_clip",

@@ -28,6 +28,8 @@ DIGITS_SPLIT = 0xD161
 """The stratified train/test split of the `digits` dataset."""
 DEFENSE_NOISE = 0xDEF
 """Noise that defenses add to the aggregate (weak DP, FLAME), per round."""
+VALIDATION = 0xA1D
+"""The validation split held out of the test set for choosing tau (`server.validation_size`)."""
 
 
 class ClientStream(IntEnum):

@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.federation import protocol
-from flip_fl.federation.rounds import RoundRecord, short_reason
+from flip_fl.federation.failures import group_failures, no_reply_reason
+from flip_fl.federation.rounds import RoundRecord
 from flip_fl.federation.schedule import RoundSampler
 
 
@@ -106,10 +107,14 @@ class SeededFedAvg(FedAvg):
         record.failed = sorted({self.partition_of[m.metadata.src_node_id] for m in replies if m.has_error()}
                                | (set(record.sampled) - answered))
         record.failures = len(record.failed)
-        record.errors = [short_reason(m.error.reason or "") for m in replies if m.has_error()][:5]
+        reasons = {p: no_reply_reason(self.round_timeout) for p in record.failed}
+        reasons.update({self.partition_of[m.metadata.src_node_id]: m.error.reason or ""
+                        for m in replies if m.has_error()})
+        groups = group_failures(reasons)
+        record.errors = [g.reason for g in groups]
         if not ok:
-            reasons = "; ".join(record.errors) or f"no reply within resources.round_timeout ({self.round_timeout:g}s)"
-            raise RoundFailedError(f"round {server_round}: all {len(record.sampled)} sampled clients failed: {reasons}")
+            summary = "; ".join(g.describe() for g in groups)
+            raise RoundFailedError(f"round {server_round}: all {len(record.sampled)} sampled clients failed: {summary}")
         for m in ok:
             record.client_metrics[self.partition_of[m.metadata.src_node_id]] = protocol.read_client_metrics(m.content)
         aggregate, metrics = self.aggregate_models(server_round, ok)

@@ -114,3 +114,21 @@ def test_flips_concentrate_on_the_source_class_and_report_the_controls(tmp_path:
     assert (train.labels.numpy()[flipped] == cfg.attack.source_label).mean() > 0.9  # images of the source class
     assert rows[(150, "random-same-class")]["flips"] == "150"
     assert float(rows[(150, "flip")]["pta_clean"]) > float(rows[(0, "clean")]["pta_clean"]) + 0.2
+
+
+def test_soft_labels_are_one_label_set_whatever_the_budgets(tmp_path: Path):
+    """With labels.soft every user model would train on the same soft labels: one row, not one per budget."""
+    cfg = tiny_config(*SMALL, "labels.soft=true", "labels.alpha=0.2")
+    train, test = load_datasets(cfg)
+    lines: list[str] = []
+    rows = run_stages(cfg, train, test, tmp_path, ["experts", "labels", "flips", "user"], log=lines.append)
+    assert set(rows) == {"experts", "labels", "flips", "user"}
+    with (tmp_path / "user" / "results.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["budget"], r["labels"]) for r in table] == [
+        ("0", "clean"), ("soft", "flip-soft alpha=0.2"), ("soft", "random"), ("soft", "random-same-class")]
+    logits = torch.load(tmp_path / "labels" / "logits_0.pt", weights_only=True)
+    soft = torch.softmax(0.2 * torch.nn.functional.one_hot(train.labels, 10) + 0.8 * logits, dim=1)
+    changed = int((soft.argmax(dim=1) != train.labels).sum())
+    assert all(int(r["flips"]) == changed for r in table[1:])
+    assert sum("flip-soft alpha=0.2 labels, budget soft" in line for line in lines) == 1

@@ -154,3 +154,39 @@ def test_tiny_sweep_over_every_defense_and_both_attack_modes(tmp_path: Path):
     again = sim("sweep", "--config", str(spec), "--output-dir", str(out))
     assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 13
     assert time.time() - start < 60
+
+
+def test_cost_ratios_are_filled_for_every_row_relative_to_the_undefended_run(tmp_path: Path):
+    """The grid also varies clients.benign (FLIP rows): every row still gets its '× undefended' ratios."""
+    sweep = load_sweep(write_spec(tmp_path / "s.yaml", {
+        "attack.mode": ["continuous"], "defense.name": ["fedavg", "krum"],
+        "clients.benign": ["clients.BenignClient", "clients.FlipDefenseClient"], "seed": [0]}))
+    runs = tmp_path / "out" / "runs"
+    for p in sweep.points:
+        fake_run(runs / p.name, p.cfg, acc=0.9, asr=0.5)
+        slower = (3.0 if p.cfg.defense.name == "krum" else 1.0) * (2.0 if "Flip" in p.cfg.clients.benign else 1.0)
+        path = runs / p.name / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row["seconds"] *= slower
+            row["aggregation_seconds"] = row["aggregation_seconds"] and row["aggregation_seconds"] * slower
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(sweep, tmp_path / "out")
+    table = (tmp_path / "out" / "results.md").read_text()
+    cost = table.split("## Server cost per round")[1].split("##")[0]
+    lines = [line for line in cost.splitlines() if line.startswith("| ") and not line.startswith("| Defense")]
+    assert len(lines) == 4 and "—" not in cost and "no undefended run" not in cost
+    ratios = {line.split(" | ")[0][2:]: (line.split(" | ")[3], line.split(" | ")[5].rstrip(" |")) for line in lines}
+    assert ratios == {"fedavg, clients.benign=clients.BenignClient": ("1.0", "1.00"),
+                      "krum, clients.benign=clients.BenignClient": ("3.0", "3.00"),
+                      "fedavg, clients.benign=clients.FlipDefenseClient": ("2.0", "2.00"),
+                      "krum, clients.benign=clients.FlipDefenseClient": ("6.0", "6.00")}
+
+
+def test_sweep_clock_counts_runs_and_estimates_the_rest():
+    from flip_fl.experiments.sweep import SweepClock
+
+    clock = SweepClock(todo=3, jobs=2, done=2)  # 2 runs finished before, 3 to go, two at a time
+    assert clock.finished(10.0) == "runs 3/5 done, eta 10s"  # 2 left x 10 s / 2 jobs
+    assert clock.finished(30.0) == "runs 4/5 done, eta 10s"
+    assert clock.finished(20.0) == "runs 5/5 done"

@@ -15,6 +15,7 @@ PORTABLE_KWARGS = {
     "blended": {},
     "sinusoidal": {},
     "turner": {},
+    "pixel": {"count": 1},
     "fixed_pixels": {"pixels": [(1, 2), (20, 25)], "colors": ["#650019", 0.5]},
 }
 
@@ -33,7 +34,7 @@ def line(row, start, stop):
 
 
 def test_registry_is_complete():
-    assert set(TRIGGERS) == {"pixel_pattern", "dba", "blended", "sinusoidal", "turner", "fixed_pixels"}
+    assert set(TRIGGERS) == {"pixel_pattern", "dba", "blended", "sinusoidal", "turner", "pixel", "fixed_pixels"}
     assert all(issubclass(cls, Trigger) for cls in TRIGGERS.values())
 
 
@@ -257,33 +258,101 @@ def test_sinusoidal_clips_and_custom_params():
 # ---------------------------------------------------------------- turner
 
 
-def test_turner_corners():
+def official_stamp(image: torch.Tensor, pixel_ops) -> torch.Tensor:
+    """Stamp a CHW float image the way the FLIP label code does: a uint8 PIL RGB image, PIL (x, y) access."""
+    from PIL import Image
+
+    arr = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    pil = Image.fromarray(arr, mode="RGB")
+    pixel_ops(pil)
+    return torch.from_numpy(__import__("numpy").asarray(pil).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def official_turner(pil, all_corners: bool) -> None:
+    """The code's TurnerPoisoner.poison, restated: +-255 on the mask, PIL clips; `all-corners` mirrors."""
+    mask = [((-1, -1), 1), ((-1, -2), -1), ((-1, -3), 1), ((-2, -1), -1), ((-2, -2), 1), ((-2, -3), -1),
+            ((-3, -1), 1), ((-3, -2), -1), ((-3, -3), -1)]
+    px = pil.load()
+    w, h = pil.size
+    for (x, y), sign in mask:
+        r, g, b = px[x % w, y % h]
+        shifted = tuple(max(0, min(255, v + sign * 255)) for v in (r, g, b))
+        px[x % w, y % h] = shifted
+        if all_corners:
+            for xx, yy in ((-x - 1, y), (x, -y - 1), (-x - 1, -y - 1)):
+                px[xx % w, yy % h] = shifted
+
+
+def test_turner_is_the_official_bottom_right_pattern_with_its_odd_pixel():
     trig = create_trigger("turner", CIFAR)
-    board = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
-    m = trig.mask()
-    assert m.sum() == 4 * 9
-    for rs in (slice(0, 3), slice(29, 32)):
-        for cs in (slice(0, 3), slice(29, 32)):
-            assert m[rs, cs].all()
+    assert coords(trig.mask()) == {(r, c) for r in (29, 30, 31) for c in (29, 30, 31)}
     out = trig.apply(torch.full((2, *CIFAR), 0.5))
-    for rs in (slice(0, 3), slice(29, 32)):
-        for cs in (slice(0, 3), slice(29, 32)):
-            assert torch.equal(out[:, :, rs, cs], board.expand(2, 3, 3, 3))
-    assert torch.all(out[..., ~m] == 0.5)
+    expected = torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 1]])  # rows 29..31, cols 29..31
+    assert torch.equal(out[:, :, 29:, 29:], expected.expand(2, 3, 3, 3))
+    assert out[0, 0, 29, 29] == 0.0  # the -255 pixel where a checkerboard would be white
+    assert torch.all(out[..., ~trig.mask()] == 0.5)
+    image = rand_batch(CIFAR, n=1, seed=3)[0]
+    image = (image * 255).round() / 255
+    assert torch.equal(trig.apply(image), official_stamp(image, lambda pil: official_turner(pil, False)))
 
 
-def test_turner_size_mirrors_and_errors():
-    trig = create_trigger("turner", MNIST, size=4)
-    out = trig.apply(torch.full((1, *MNIST), 0.5))[0, 0]
-    tl = out[:4, :4]
-    assert tl[0, 0] == 1 and tl[0, 1] == 0 and tl[1, 1] == 1
-    assert torch.equal(out[:4, -4:], tl.flip(1))
-    assert torch.equal(out[-4:, :4], tl.flip(0))
-    assert torch.equal(out[-4:, -4:], tl.flip(0).flip(1))
-    with pytest.raises(ValueError, match="size"):
-        create_trigger("turner", MNIST, size=15)
-    with pytest.raises(ValueError, match="size"):
-        create_trigger("turner", MNIST, size=0)
+def test_turner_all_corners_mirrors_the_pattern_like_the_official_4xl():
+    trig = create_trigger("turner", CIFAR, corners="all")
+    assert trig.mask().sum() == 4 * 9
+    image = (rand_batch(CIFAR, n=1, seed=4)[0] * 255).round() / 255
+    out = trig.apply(image)
+    assert torch.equal(out, official_stamp(image, lambda pil: official_turner(pil, True)))
+    assert torch.equal(out[0, :3, :3], torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 0]]))  # top-left: both flips
+    grey = create_trigger("turner", MNIST, corners="all").apply(torch.full((1, *MNIST), 0.5))[0, 0]
+    assert torch.equal(grey[:3, -3:], grey[:3, :3].flip(1)) and torch.equal(grey[-3:, :3], grey[:3, :3].flip(0))
+    with pytest.raises(ValueError, match="corners"):
+        create_trigger("turner", MNIST, corners="four")
+    with pytest.raises(ValueError, match="at least 6x6"):
+        create_trigger("turner", (1, 5, 5), corners="all")
+
+
+# ---------------------------------------------------------------- pixel (the FLIP label code's "p")
+
+
+def official_pixel(pil, pos, col) -> None:
+    """The code's PixelPoisoner(method="pixel"): one putpixel at PIL (x, y)."""
+    pil.putpixel(pos, col)
+
+
+OFFICIAL_PIXELS = [((11, 16), (101, 0, 25)), ((5, 27), (101, 123, 121)), ((30, 7), (0, 36, 54))]
+
+
+def test_pixel_positions_and_colours_are_the_official_column_first_ones():
+    image = (rand_batch(CIFAR, n=1, seed=5)[0] * 255).round() / 255
+    for count in (1, 2, 3):
+        trig = create_trigger("pixel", CIFAR, count=count, stamp="all")
+        assert coords(trig.mask()) == {(y, x) for (x, y), _ in OFFICIAL_PIXELS[:count]}
+        expected = image
+        for pos, col in OFFICIAL_PIXELS[:count]:
+            expected = official_stamp(expected, lambda pil, pos=pos, col=col: official_pixel(pil, pos, col))
+        assert torch.equal(trig.apply(image), expected)
+    one = create_trigger("pixel", CIFAR, count=1).apply(torch.zeros(1, *CIFAR))
+    assert torch.equal(one[0, :, 16, 11], torch.tensor([101, 0, 25]) / 255.0) and (one != 0).sum() == 2
+
+
+def test_pixel_3xp_stamps_one_of_three_pixels_per_image_reproducibly():
+    trig = create_trigger("pixel", CIFAR)
+    out = trig.apply(torch.full((300, *CIFAR), 0.5))
+    changed = (out != 0.5).any(dim=1)  # N x H x W
+    per_image = [coords(c) for c in changed]
+    spots = [{(16, 11)}, {(27, 5)}, {(7, 30)}]
+    assert all(p in spots for p in per_image)
+    counts = [sum(p == s for p in per_image) for s in spots]
+    assert min(counts) > 70  # all three in use, about a third each
+    assert [spots.index(p) for p in per_image] == trig.choices(300).tolist()
+    assert torch.equal(trig.apply(torch.full((300, *CIFAR), 0.5)), out)  # the same call stamps the same way
+    assert not torch.equal(create_trigger("pixel", CIFAR, seed=1).apply(torch.full((300, *CIFAR), 0.5)), out)
+    with pytest.raises(ValueError, match="pixel"):
+        create_trigger("pixel", MNIST)  # column 30 does not fit a 28x28 image
+    with pytest.raises(ValueError, match="count"):
+        create_trigger("pixel", CIFAR, count=4)
+    with pytest.raises(ValueError, match="stamp"):
+        create_trigger("pixel", CIFAR, stamp="some")
 
 
 # ---------------------------------------------------------------- fixed_pixels
@@ -291,19 +360,19 @@ def test_turner_size_mirrors_and_errors():
 
 def test_fixed_pixels_defaults_cifar():
     trig = create_trigger("fixed_pixels", CIFAR)
-    assert coords(trig.mask()) == {(11, 16), (5, 27), (30, 7)}
+    assert coords(trig.mask()) == {(16, 11), (27, 5), (7, 30)}  # the FLIP code's putpixel (x, y), as (row, col)
     out = trig.apply(torch.full((2, *CIFAR), 0.5))
-    assert torch.equal(out[1, :, 11, 16], torch.tensor([0x65, 0x00, 0x19]) / 255.0)
-    assert torch.equal(out[0, :, 5, 27], torch.tensor([0x65, 0x7B, 0x79]) / 255.0)
-    assert torch.equal(out[0, :, 30, 7], torch.tensor([0x00, 0x24, 0x36]) / 255.0)
+    assert torch.equal(out[1, :, 16, 11], torch.tensor([0x65, 0x00, 0x19]) / 255.0)
+    assert torch.equal(out[0, :, 27, 5], torch.tensor([0x65, 0x7B, 0x79]) / 255.0)
+    assert torch.equal(out[0, :, 7, 30], torch.tensor([0x00, 0x24, 0x36]) / 255.0)
     assert (out != 0.5).any(dim=1).sum() == 2 * 3
 
 
 def test_fixed_pixels_grey_uses_mean_and_rejects_outside():
     trig = create_trigger("fixed_pixels", (1, 32, 32))
     out = trig.apply(torch.zeros(1, 1, 32, 32))
-    assert out[0, 0, 11, 16].item() == pytest.approx((0x65 + 0x00 + 0x19) / 3 / 255)
-    with pytest.raises(ValueError, match=r"pixel \(30, 7\).*outside"):
+    assert out[0, 0, 16, 11].item() == pytest.approx((0x65 + 0x00 + 0x19) / 3 / 255)
+    with pytest.raises(ValueError, match=r"pixel \(7, 30\).*outside"):
         create_trigger("fixed_pixels", MNIST)  # the CIFAR defaults do not fit 28x28
     with pytest.raises(ValueError, match="outside"):
         create_trigger("fixed_pixels", CIFAR, pixels=[(0, 32)], colors=[1.0])
@@ -337,7 +406,8 @@ def test_factory_unknown_kwarg_names_it_and_lists_accepted():
         ("pixel_pattern", {"col": -1}),
         ("pixel_pattern", {"size": 29}),
         ("dba", {"rows": [30]}),
-        ("turner", {"size": 20}),
+        ("turner", {"corners": "left"}),
+        ("pixel", {"count": 3}),
         ("fixed_pixels", {"pixels": [(28, 0)], "colors": [1.0]}),
     ],
 )

@@ -12,8 +12,13 @@ Triggers (registered in `flip_fl.registry.TRIGGERS`; build them with `create_tri
                      `len(rows) * len(cols)` horizontal line segments, each one local piece.
 - `blended`        `x' = (1 - alpha) x + alpha * pattern` over the whole image (Chen et al. 2017).
 - `sinusoidal`     additive column-wise sine over the whole image (FLIP label attack "s").
-- `turner`         checkerboard in the four corners (Turner et al. clean-label; FLIP "t").
-- `fixed_pixels`   a few single pixels set to given colours (FLIP label attack "p").
+- `turner`         the FLIP label code's Turner trigger ("t"): a 3x3 +-255 pattern in the bottom-right corner
+                   (`1xl`), or mirrored into all four corners (`4xl`).
+- `pixel`          the FLIP label code's pixel trigger ("p"): one of three coloured pixels per image (`3xp`).
+- `fixed_pixels`   a few single pixels set to given colours, all stamped (defaults: the three FLIP pixels).
+
+The FLIP label-attack code (SewoongLab/FLIP, `modules/base_utils/datasets.py`) stamps PIL images:
+`putpixel((x, y))` and `pixels[x, y]` take the column first. Positions here are (row, col), converted.
 
 Pieces: `num_pieces` is the number of local pieces (1 for non-distributed triggers).
 `apply(x, piece=None)` stamps the full/global trigger (for DBA the union of all pieces);
@@ -42,6 +47,7 @@ __all__ = [
     "BlendedTrigger",
     "SinusoidalTrigger",
     "TurnerTrigger",
+    "PixelTrigger",
     "FixedPixelsTrigger",
     "TRIGGERS",
     "create_trigger",
@@ -52,6 +58,7 @@ __all__ = [
     "DBA_CIFAR_ROWS",
     "DBA_CIFAR_COLS",
     "FLIP_LABEL_PIXELS",
+    "TURNER_SIGNS",
 ]
 
 # DBA geometry of the FLIP defense paper / DBA code. Column ranges are inclusive [start, stop].
@@ -60,11 +67,22 @@ DBA_MNIST_COLS: tuple[tuple[int, int], ...] = ((0, 3), (6, 9))
 DBA_CIFAR_ROWS: tuple[int, ...] = (0, 4)
 DBA_CIFAR_COLS: tuple[tuple[int, int], ...] = ((0, 5), (9, 14))
 
-# The FLIP label paper's pixel trigger (CIFAR-10): (row, col) -> colour.
+# The FLIP label code's pixel trigger (CIFAR-10), (row, col) -> colour. The code's PixelPoisoner puts
+# (101, 0, 25) at putpixel((11, 16)), (101, 123, 121) at (5, 27) and (0, 36, 54) at (30, 7): PIL's (x, y),
+# column first, so rows 16, 27, 7.
 FLIP_LABEL_PIXELS: tuple[tuple[tuple[int, int], str], ...] = (
-    ((11, 16), "#650019"),
-    ((5, 27), "#657B79"),
-    ((30, 7), "#002436"),
+    ((16, 11), "#650019"),
+    ((27, 5), "#657B79"),
+    ((7, 30), "#002436"),
+)
+
+# The FLIP label code's TurnerPoisoner mask: ((x, y), sign) with negative PIL indices (column first) from the
+# bottom-right corner; each pixel gets +-255 in every channel, then uint8 clipping. Not a checkerboard: the
+# innermost pixel (x, y) = (-3, -3) is -1 where a checkerboard would have +1.
+TURNER_SIGNS: tuple[tuple[tuple[int, int], int], ...] = (
+    ((-1, -1), 1), ((-1, -2), -1), ((-1, -3), 1),
+    ((-2, -1), -1), ((-2, -2), 1), ((-2, -3), -1),
+    ((-3, -1), 1), ((-3, -2), -1), ((-3, -3), -1),
 )
 
 
@@ -440,44 +458,106 @@ class SinusoidalTrigger(Trigger):
 
 
 class TurnerTrigger(_MaskedPatternTrigger):
-    """Turner et al. clean-label trigger: a `size` x `size` 0/1 checkerboard in each corner.
+    """The FLIP label code's Turner trigger ("t", after Turner et al.'s clean-label attack).
 
-    The outermost corner pixel is 1 (white) in every corner (the pattern is mirrored per corner),
-    in all channels; it equals the FLIP code's +-255 checkerboard after clipping.
+    A 3x3 pattern in the bottom-right corner (`TURNER_SIGNS`): +255 / -255 on every channel of uint8
+    pixels, so after clipping 1 or 0 here, in all channels. Bottom-right rows H-3..H-1, cols W-3..W-1:
+
+        0 0 1
+        0 1 0
+        1 0 1
 
     Parameters:
-        size: side of each checkerboard. Default 3. The four corners must not overlap
-            (2 * size <= H and W).
+        corners: `"bottom_right"` (default; the code's `1xl`, its default `TurnerPoisoner()`) or `"all"`
+            (`4xl`: the same pattern mirrored into the other three corners, as the code's `all-corners`).
     """
 
     name = "turner"
+    CORNERS = ("bottom_right", "all")
 
-    def __init__(self, image_shape: tuple[int, int, int], size: int = 3):
+    def __init__(self, image_shape: tuple[int, int, int], corners: str = "bottom_right"):
         super().__init__(image_shape)
         c, h, w = self.image_shape
-        size = _as_int("size", size)
-        if size <= 0 or 2 * size > h or 2 * size > w:
-            raise ValueError(f"turner: size {size} must be >= 1 and fit twice in the {h}x{w} image")
-        ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        # distance to the nearest vertical/horizontal border -> mirrored checkerboard
-        di = torch.minimum(ii, h - 1 - ii)
-        dj = torch.minimum(jj, w - 1 - jj)
-        mask = (di < size) & (dj < size)
-        pattern = ((di + dj) % 2 == 0).float().expand(c, h, w).contiguous()
+        if corners not in self.CORNERS:
+            raise ValueError(f"turner: corners must be one of {list(self.CORNERS)}, got {corners!r}")
+        need = 6 if corners == "all" else 3
+        if h < need or w < need:
+            raise ValueError(f"turner: corners={corners!r} needs images of at least {need}x{need}, got {h}x{w}")
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        pattern = torch.zeros(c, h, w)
+        for (x, y), sign in TURNER_SIGNS:
+            spots = [(y, x)] + ([(y, -x - 1), (-y - 1, x), (-y - 1, -x - 1)] if corners == "all" else [])
+            for row, col in spots:  # (row, col) = PIL (y, x); negative indices count from the far edge
+                mask[row, col] = True
+                pattern[:, row, col] = 1.0 if sign > 0 else 0.0
         self._setup([mask], pattern)
-        self.size = size
+        self.corners = corners
+
+
+class PixelTrigger(Trigger):
+    """The FLIP label code's pixel trigger ("p"): coloured single pixels (`FLIP_LABEL_PIXELS`).
+
+    The code's `1xp` stamps the first pixel; `2xp` / `3xp` stamp one of the first two / three per image,
+    drawn at random (`RandomPoisoner`). Here the draw is reproducible: image i of a batch gets
+    `randint(count)` number i of a generator seeded with `seed`, so a shuffled dataset mixes the pixels
+    as the code does and the same call always stamps the same way.
+
+    Parameters:
+        count: how many of the three pixels are in play (1, 2 or 3). Default 3 (`3xp`).
+        stamp: `"one"` (default, the code: one pixel per image) or `"all"` (every pixel on every image, as
+            the FLIP thesis describes the trigger).
+        seed: seed of the per-image choice. Default 0.
+    The pixels need images of at least 28 rows and 31 columns for `count` 3 (CIFAR size).
+    """
+
+    name = "pixel"
+    STAMPS = ("one", "all")
+
+    def __init__(self, image_shape: tuple[int, int, int], count: int = 3, stamp: str = "one", seed: int = 0):
+        super().__init__(image_shape)
+        c = self.image_shape[0]
+        count = _as_int("count", count)
+        if not 1 <= count <= len(FLIP_LABEL_PIXELS):
+            raise ValueError(f"pixel: count must be 1, 2 or 3, got {count}")
+        if stamp not in self.STAMPS:
+            raise ValueError(f"pixel: stamp must be one of {list(self.STAMPS)}, got {stamp!r}")
+        chosen = FLIP_LABEL_PIXELS[:count]
+        for (row, col), _ in chosen:
+            self._check_box(f"pixel ({row}, {col})", row, col, 1, 1)
+        self.pixels = tuple(p for p, _ in chosen)
+        self.colours = torch.stack([_parse_colour("pixel", colour, c) for _, colour in chosen])  # (count, C)
+        self.count, self.stamp, self.seed = count, stamp, _as_int("seed", seed)
+
+    def _mask(self, piece: int | None) -> Tensor:
+        mask = torch.zeros(self.image_shape[1:], dtype=torch.bool)
+        for row, col in self.pixels:
+            mask[row, col] = True
+        return mask
+
+    def choices(self, n: int) -> Tensor:
+        """Which pixel (index into `pixels`) each of `n` images gets with `stamp="one"`."""
+        return torch.randint(self.count, (n,), generator=torch.Generator().manual_seed(self.seed))
+
+    def _stamp(self, x: Tensor, piece: int | None) -> Tensor:
+        out = x.clone()
+        colours = self.colours.to(device=x.device, dtype=x.dtype)
+        chosen = None if self.stamp == "all" else self.choices(len(x)).to(x.device)
+        for k, (row, col) in enumerate(self.pixels):
+            images = slice(None) if chosen is None else chosen == k
+            out[images, :, row, col] = colours[k]
+        return out
 
 
 class FixedPixelsTrigger(_MaskedPatternTrigger):
-    """Single pixels set to fixed colours (FLIP label attack "p"; all pixels are stamped).
+    """Single pixels set to fixed colours, all stamped on every image (`pixel` is the FLIP code's own trigger).
 
     Parameters:
-        pixels: list of (row, col). Default the FLIP label paper's CIFAR pixels
-            (11, 16), (5, 27), (30, 7).
+        pixels: list of (row, col). Default the FLIP label code's CIFAR pixels (16, 11), (27, 5), (7, 30)
+            (its `putpixel` positions (11, 16), (5, 27), (30, 7) are (column, row)).
         colors: one colour per pixel: '#RRGGBB', a number in [0, 1] (all channels) or a
             per-channel / RGB sequence in [0, 1]. Default #650019, #657B79, #002436.
             On 1-channel images an RGB colour becomes the mean of its components.
-    A pixel outside the image raises ValueError (the defaults need at least 31x28 images).
+    A pixel outside the image raises ValueError (the defaults need at least 28 rows and 31 columns).
     """
 
     name = "fixed_pixels"
@@ -516,7 +596,8 @@ class FixedPixelsTrigger(_MaskedPatternTrigger):
 # --------------------------------------------------------------------------------------------
 # registry and factory
 
-for _cls in (PixelPatternTrigger, DBATrigger, BlendedTrigger, SinusoidalTrigger, TurnerTrigger, FixedPixelsTrigger):
+for _cls in (PixelPatternTrigger, DBATrigger, BlendedTrigger, SinusoidalTrigger, TurnerTrigger, PixelTrigger,
+             FixedPixelsTrigger):
     TRIGGERS.add(_cls.name, _cls)
 
 

@@ -39,6 +39,7 @@ from flip_fl.config.sections import (
                                     LabelsConfig,
                                     ModelConfig,
                                     ResourcesConfig,
+                                    ResultsConfig,
                                     ServerConfig,
                                     SyntheticConfig,
 )
@@ -47,7 +48,7 @@ from flip_fl.config.validation import NUM_CLASSES, validate, validate_labels
 __all__ = [
     "AttackConfig", "ClientConfig", "ClientRolesConfig", "Config", "ConfigError", "DataConfig", "DefenseConfig",
     "FederationConfig", "FlipConfig", "FlipFastConfig", "LabelsConfig", "ModelConfig", "NUM_CLASSES",
-    "ResourcesConfig", "ServerConfig",
+    "ResourcesConfig", "ResultsConfig", "ServerConfig",
     "SyntheticConfig", "apply_overrides", "config_from_dict", "config_reference_markdown", "from_yaml", "load_config",
     "max_attackers_per_round", "num_attackers", "parse_override", "read_yaml", "to_yaml", "validate", "validate_labels",
     "assumed_malicious", "attack_schedule", "round_sampler",

@@ -91,6 +91,12 @@ class ServerConfig:
     initial_model: str | None = key(None, "Path of a state_dict (.pt) to start from, e.g. a clean run's "
                                           "final_model.pt.")
     eval_batch_size: int = key(512, "Batch size of server-side evaluation.", ge=1)
+    validation_size: int = key(
+        0,
+        "Test images held out (seeded draw) as a validation split for choosing tau: threshold_sweep.csv is then "
+        "computed on them as well, and every per-round metric on the remaining test images (0: no split).",
+        ge=0,
+    )
 
 
 @dataclass
@@ -509,6 +515,17 @@ class ResourcesConfig:
 
 
 @dataclass
+class ResultsConfig:
+    """results: extra result files of a run."""
+
+    tensorboard: bool = key(
+        False,
+        "Also log every per-round scalar of metrics.csv to RUN_DIR/tensorboard (needs the optional tensorboard "
+        "package: pip install 'flip-fl[tensorboard]').",
+    )
+
+
+@dataclass
 class Config:
     """A whole run's configuration: one section per concern."""
 
@@ -531,3 +548,4 @@ class Config:
         "clients.FlipLabelClient.",
     )
     resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and the watchdog.")
+    results: ResultsConfig = section(ResultsConfig, "Extra result files (TensorBoard).")

@@ -6,14 +6,32 @@ per-piece ASR for distributed triggers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from flip_fl.attacks.triggers import build_trigger
-from flip_fl.config import Config
+from flip_fl.config import Config, ConfigError
 from flip_fl.data.dataset import ImageDataset
 from flip_fl.evaluation.metrics import backdoor_metrics, clean_metrics, cross_entropy, threshold_sweep
+from flip_fl.seeds import VALIDATION, numpy_rng
 from flip_fl.training import predict_probs
+
+
+def validation_split(cfg: Config, test: ImageDataset) -> tuple[ImageDataset | None, ImageDataset]:
+    """(validation, test): `server.validation_size` test images drawn with the seed, and the rest.
+
+    Choosing tau on the images that also report the final accuracy would flatter it; the validation split
+    is for choosing, the rest for reporting. Without a split (size 0) the validation part is None.
+    """
+    k = cfg.server.validation_size
+    if k == 0:
+        return None, test
+    if k >= len(test):
+        raise ConfigError(f"server.validation_size: {k} validation images cannot be held out of {len(test)} "
+                          "evaluation images")
+    order = numpy_rng(cfg.seed, VALIDATION).permutation(len(test))
+    return test.subset(np.sort(order[:k])), test.subset(np.sort(order[k:]))
 
 
 class GlobalEvaluator:

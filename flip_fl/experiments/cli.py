@@ -2,7 +2,7 @@
 
 Run a simulation, a sweep, the FLIP label-attack pipeline, or print the config reference:
 
-    python sim.py --config FILE [--set key.path=value ...] [--output-dir DIR] [--ray-address ADDR]
+    python sim.py --config FILE [--set key.path=value ...] [--output-dir DIR] [--ray-address ADDR] [--quiet]
     python sim.py config-docs
     python sim.py sweep --config SWEEP.yaml [--set key.path=value ...] [--output-dir DIR] [--jobs N] [--report-only]
     python sim.py labels --config FILE [--stage experts|labels|flips|user|all ...] [--set ...] [--output-dir DIR]
@@ -50,6 +50,8 @@ def run_command(argv: list[str]) -> int:
                      config="YAML config file (see docs/CONFIG.md)",
                      output_dir="where results go (default runs/<config-name>-<timestamp>)")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="plain lines (one per phase and per round) instead of the live display in a terminal")
     args = parser.parse_args(argv)
     quiet_environment()
     try:
@@ -60,7 +62,7 @@ def run_command(argv: list[str]) -> int:
         # config is read (bad input fails without importing Flower)
         from flip_fl.experiments.run import run
 
-        summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address)
+        summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address, quiet=args.quiet)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

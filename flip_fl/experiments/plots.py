@@ -30,33 +30,71 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def describe_run(cfg: Mapping[str, Any], defense_and_seed: bool = True) -> str:
+    """What a figure shows, from a run's config.yaml: dataset, model, attack, trigger, attackers, defense, seed.
+
+    Without `defense_and_seed`: the setting a sweep's runs share (their defenses and seeds differ).
+    """
+    data, attack, defense = cfg.get("data", {}), cfg.get("attack", {}), cfg.get("defense", {})
+    ids = attack.get("malicious_ids")
+    attackers = (f"attackers {ids}" if ids else f"{attack.get('num_malicious', 0)} attackers")
+    attackers += f" of {cfg.get('federation', {}).get('num_clients', '?')} clients"
+    if not ids and not attack.get("num_malicious"):
+        attack_text = "no attack"
+    else:
+        client = str(attack.get("client", "?")).rsplit(".", 1)[-1]
+        attack_text = (f"attack {client} {attack.get('mode', '?')}, trigger {attack.get('trigger', '?')} -> "
+                       f"{attack.get('target_label', '?')}, {attackers}")
+    benign = str(cfg.get("clients", {}).get("benign", "clients.BenignClient")).rsplit(".", 1)[-1]
+    tau = float(defense.get("threshold", 0.0))
+    parts = [f"defense {defense.get('name', '?')}"] + [f"benign {benign}"] * (benign != "BenignClient")
+    parts += [f"tau {tau:g}"] * (tau > 0)
+    setting = f"{data.get('name', '?')}, {cfg.get('model', {}).get('name', '?')}, {attack_text}"
+    return f"{setting}; {', '.join(parts)}; seed {cfg.get('seed', '?')}" if defense_and_seed else setting
+
+
+def shade_attack_rounds(axes: Sequence[Any], rounds: Sequence[int]) -> None:
+    """Grey bands behind the attack rounds, named once in the first panel's legend."""
+    for i, ax in enumerate(axes):
+        for j, r in enumerate(rounds):
+            ax.axvspan(r - 0.5, r + 0.5, color="0.88", lw=0, zorder=0,
+                       label="attack round" if i == 0 and j == 0 else None)
 
 
 def plot_run(run_dir: Path) -> Path:
     """Write a run's `curves.png`.
 
-    Clean accuracy and ASR per round, rejection rates when tau > 0, and the defense's detection
-    recall / attacker weight when it reports them. Attack rounds are shaded.
+    Clean accuracy, ASR and ASR without the trigger (a model that predicts the target for everything has
+    ASR 1 without any backdoor: the two curves together tell them apart) per round; with tau > 0 their
+    thresholded variants and the rejection rates; the defense's detection recall / attacker weight when
+    it reports them. Attack rounds are shaded and named in the legend; the title names the setting.
     """
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    path = run_dir / "curves.png"
+    run_figure(read_metrics(run_dir), cfg).savefig(path, dpi=110)
+    return path
+
+
+def run_figure(rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> Any:
+    """The matplotlib Figure of `plot_run` from a run's metrics rows and its config (as a dict)."""
+    rows = list(rows)
     tau = float(cfg.get("defense", {}).get("threshold", 0.0))
-    detection = any("defense_clients" in r for r in rows)
-    fig, axes = _figure(1 + (tau > 0) + detection)
-    for ax in axes:
-        for r in rows:
-            if r.get("attack_round"):
-                ax.axvspan(r["round"] - 0.5, r["round"] + 0.5, color="0.9", lw=0)
+    detection = any("defense_clients" in r or "detection_recall" in r for r in rows)
+    fig, axes = _figure(1 + (tau > 0) + detection, width=9.0, height=3.2)
+    shade_attack_rounds(axes, [r["round"] for r in rows if r.get("attack_round")])
     ax = axes[0]
-    ax.plot(*_series(rows, "clean_acc"), color="tab:blue", label="clean acc")
-    ax.plot(*_series(rows, "asr"), color="tab:red", label="ASR")
+    ax.plot(*_series(rows, "clean_acc"), "o-", ms=3, color="tab:blue", label="clean accuracy")
+    ax.plot(*_series(rows, "asr"), "o-", ms=3, color="tab:red", label="ASR (triggered)")
+    ax.plot(*_series(rows, "asr_no_trigger"), "o:", ms=3, color="tab:orange", label="ASR without trigger")
     if tau > 0:
-        ax.plot(*_series(rows, "clean_acc_thresholded"), "--", color="tab:blue", label=f"clean acc @ tau={tau:g}")
-        ax.plot(*_series(rows, "asr_thresholded"), "--", color="tab:red", label=f"ASR @ tau={tau:g}")
+        ax.plot(*_series(rows, "clean_acc_thresholded"), "--", color="tab:blue", label=f"clean accuracy @ tau {tau:g}")
+        ax.plot(*_series(rows, "asr_thresholded"), "--", color="tab:red", label=f"ASR @ tau {tau:g}")
         axes[1].plot(*_series(rows, "clean_reject_rate"), color="tab:blue", label="clean rejected")
         axes[1].plot(*_series(rows, "backdoor_reject_rate"), color="tab:red", label="triggered rejected")
         axes[1].set_ylabel("rejection rate")
@@ -67,46 +105,67 @@ def plot_run(run_dir: Path) -> Path:
         det.plot(*_series(rows, "defense_attacker_weight"), "^:", color="tab:purple", label="attackers' weight")
         det.set_ylabel("defense")
     axes[0].set_ylabel("rate")
-    defense, mode = cfg.get("defense", {}).get("name", "?"), cfg.get("attack", {}).get("mode", "?")
-    axes[0].set_title(f"defense {defense}, attack {mode}" + (f", tau {tau:g}" if tau > 0 else ""), fontsize=10)
+    axes[0].set_title(textwrap.fill(describe_run(cfg), 95), fontsize=8)
     last = max((r["round"] for r in rows), default=1)
     for ax in axes:
         _round_axis(ax, last)
         if ax.lines:
-            ax.legend(fontsize=7, loc="best")
-    path = run_dir / "curves.png"
-    fig.savefig(path, dpi=110)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if tau > 0:  # rejection rates of a few percent are the cost a researcher weighs: do not flatten them on 0..1
+        rates = [v for key in ("clean_reject_rate", "backdoor_reject_rate") for v in _series(rows, key)[1]]
+        top = min(1.0, max([0.05, *rates]) * 1.15)
+        axes[1].set_ylim(-top * 0.03, top)
+    return fig
+
+
+def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, title: str,
+                    attack_rounds: Sequence[int] = ()) -> Path:
+    """Write `comparison_figure(curves, title, attack_rounds)` to `path`."""
+    comparison_figure(curves, title, attack_rounds).savefig(path, dpi=110)
     return path
 
 
-def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, title: str) -> Path:
-    """ASR and clean accuracy per round, one line per label (mean over seeds, band = +- std).
+def comparison_figure(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], title: str,
+                      attack_rounds: Sequence[int] = ()) -> Any:
+    """Clean accuracy, ASR and ASR without the trigger per round, one line per label (mean over seeds, band = +- std).
 
-    `curves[label]["acc" | "asr"]` holds one per-round series (from round 0) per seed.
+    `curves[label]["acc" | "asr" | "asr_no_trigger"]` holds one per-round series (from round 0) per seed;
+    a label whose runs reject low-confidence predictions (tau > 0) gives its thresholded accuracy and ASR
+    there and may add `"acc_no_rejection"` / `"asr_no_rejection"`, drawn thin and light in the same panels (what
+    the model itself does, before the server's rejection). `attack_rounds` are shaded and named in the legend.
     """
-    fig, (acc_ax, asr_ax) = _figure(2, width=7.5, height=3.4)
+    panels = [("acc", "clean accuracy"), ("asr", "ASR (triggered)"), ("asr_no_trigger", "ASR without trigger")]
+    fig, axes = _figure(len(panels), width=9.0, height=2.8)
+    shade_attack_rounds(axes, attack_rounds)
     for (color, style), (label, series) in zip(_styles(len(curves)), curves.items()):
-        for ax, key in ((acc_ax, "acc"), (asr_ax, "asr")):
-            runs = [np.asarray(s, dtype=float) for s in series[key] if len(s)]
-            if not runs:
-                continue
-            length = min(len(s) for s in runs)
-            stack = np.stack([s[:length] for s in runs])
-            mean, std = stack.mean(axis=0), stack.std(axis=0)
-            rounds = np.arange(length)
-            ax.plot(rounds, mean, style, color=color, label=label)
-            if len(runs) > 1:
-                ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
-    acc_ax.set_title(textwrap.fill(title, 90), fontsize=9)
-    acc_ax.set_ylabel("clean accuracy")
-    asr_ax.set_ylabel("attack success rate")
+        for ax, (key, _) in zip(axes, panels):
+            _mean_and_band(ax, series.get(key, []), color, style, label)
+            _mean_and_band(ax, series.get(f"{key}_no_rejection", []), color, style, f"{label}, no rejection",
+                           light=True)
+    axes[0].set_title(textwrap.fill(title, 100), fontsize=8)
+    for ax, (_, name) in zip(axes, panels):
+        ax.set_ylabel(name, fontsize=8)
     last = max((len(s) - 1 for series in curves.values() for runs in series.values() for s in runs), default=1)
-    for ax in (acc_ax, asr_ax):
+    for ax in axes:
         _round_axis(ax, last)
-    if acc_ax.lines:
-        acc_ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.savefig(path, dpi=110)
-    return path
+    if axes[0].lines:
+        axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def _mean_and_band(ax: Any, series: Sequence[Sequence[float]], color: Any, style: str, label: str,
+                   light: bool = False) -> None:
+    """The mean over seeds of per-round series, and a +- std band when there are several."""
+    runs = [np.asarray(s, dtype=float) for s in series if len(s)]
+    if not runs:
+        return
+    length = min(len(s) for s in runs)
+    stack = np.stack([s[:length] for s in runs])
+    mean, std = stack.mean(axis=0), stack.std(axis=0)
+    rounds = np.arange(length)
+    ax.plot(rounds, mean, style, color=color, label=label, lw=0.9 if light else 1.5, alpha=0.45 if light else 1.0)
+    if len(runs) > 1 and not light:
+        ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
 
 
 def _round_axis(ax: Any, last: int) -> None:

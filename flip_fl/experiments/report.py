@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from flip_fl.evaluation.detection import precision_recall
 from flip_fl.experiments.grid import Point, Sweep, format_value, value_at, varying_keys
-from flip_fl.experiments.plots import plot_comparison, read_metrics
+from flip_fl.experiments.plots import describe_run, plot_comparison, read_metrics
 from flip_fl.tables import markdown_table, write_csv
 
 RESULT_KEYS = ["clean_acc", "asr", "clean_acc_thresholded", "asr_thresholded", "clean_reject_rate",
@@ -81,6 +82,38 @@ def run_result(point: Point, run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def undefended(point: Point) -> bool:
+    """Whether a run has no defense at all: plain FedAvg, benign clients that only train, no rejection."""
+    cfg = point.cfg
+    return cfg.defense.name == "fedavg" and cfg.defense.threshold == 0 and cfg.clients.benign == "clients.BenignClient"
+
+
+def cost_lines(results: list[dict[str, Any]]) -> list[list[str]]:
+    """The cost table: per row and column, aggregation ms and round seconds, each also as a multiple.
+
+    The multiples are relative to the undefended run of the same column (same dataset and attack), so they are
+    filled for every row even when the grid also varies `clients.benign`; means over seeds.
+    """
+    ok = [r for r in results if r["status"] == "ok" and r.get("aggregation_ms") is not None]
+    means: dict[tuple[str, str], tuple[float, float]] = {}
+    for key in dict.fromkeys((r["row"], r["column"]) for r in ok):
+        mine = [r for r in ok if (r["row"], r["column"]) == key]
+        means[key] = (float(np.mean([r["aggregation_ms"] for r in mine])),
+                      float(np.mean([r["round_seconds"] for r in mine])))
+    refs = {}
+    for col in dict.fromkeys(r["column"] for r in ok):
+        base = [r for r in ok if r["column"] == col and r["undefended"]]
+        if base:
+            refs[col] = (float(np.mean([r["aggregation_ms"] for r in base])),
+                         float(np.mean([r["round_seconds"] for r in base])))
+    lines = []
+    for (row, col), (agg, sec) in means.items():
+        ref = refs.get(col)
+        lines.append([row, col, f"{agg:.2f}", f"{agg / ref[0]:.1f}" if ref else "no undefended run", f"{sec:.2f}",
+                      f"{sec / ref[1]:.2f}" if ref else "no undefended run"])
+    return lines
+
+
 def collect(sweep: Sweep, sweep_dir: Path) -> list[dict[str, Any]]:
     """The result row of every point (finished, failed or not run), in grid order."""
     columns = _column_labels(sweep.points, sweep.row_keys)
@@ -90,7 +123,7 @@ def collect(sweep: Sweep, sweep_dir: Path) -> list[dict[str, Any]]:
         run_dir = sweep_dir / "runs" / point.name
         results.append({"run": point.name, "row": _row_label(point, sweep.row_keys), "column": columns[point.name],
                         **{k: format_value(value_at(point.cfg, k)) for k in keys}, "seed": point.cfg.seed,
-                        **run_result(point, run_dir)})
+                        "undefended": undefended(point), **run_result(point, run_dir)})
     return results
 
 
@@ -126,22 +159,15 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
            f"mean ± sample std over seeds {seeds}.", ""]
     out += markdown_table(["Defense"] + cols, [[row] + [_cell(groups.get((row, c), [])) if (row, c) in groups else "—"
                                                 for c in cols] for row in rows])
-    ok = [r for r in results if r["status"] == "ok"]
-    cost: dict[str, tuple[float, float]] = {}
-    for row in rows:
-        mine = [r for r in ok if r["row"] == row and r.get("aggregation_ms") is not None]
-        if mine:
-            cost[row] = (float(np.mean([r["aggregation_ms"] for r in mine])),
-                         float(np.mean([r["round_seconds"] for r in mine])))
+    cost = cost_lines(results)
     if cost:
-        ref = cost.get("fedavg")
         out += ["", "## Server cost per round", "",
                 "Aggregation: time of the aggregation rule on the server (median over a run's rounds); round: "
-                "wall time of a whole round incl. client training and evaluation (median). Means over runs; "
-                "ratios relative to fedavg in this sweep.", ""]
-        out += markdown_table(["Defense", "aggregation (ms)", "× fedavg", "round (s)", "× fedavg"],
-                      [[row, f"{a:.2f}", f"{a / ref[0]:.1f}" if ref else "—", f"{s:.2f}",
-                        f"{s / ref[1]:.2f}" if ref else "—"] for row, (a, s) in cost.items()])
+                "wall time of a whole round incl. client training and evaluation (median). Means over seeds; "
+                "ratios relative to the undefended run (fedavg, benign clients.BenignClient, tau 0) of the same "
+                "column.", ""]
+        out += markdown_table(["Defense", "column", "aggregation (ms)", "× undefended", "round (s)", "× undefended"],
+                              cost)
     detected = [(row, col) for row in rows for col in cols
                 if any(r.get("detection_tp") is not None or r.get("attacker_weight") is not None
                        for r in groups.get((row, col), []) if r["status"] == "ok")]
@@ -171,19 +197,34 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
 
 
 def _curves(sweep: Sweep, results: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """One comparison plot per column: every row's clean accuracy, ASR and ASR without trigger per round.
+
+    Rows with tau > 0 show their thresholded accuracy and ASR (as the table does), named with their tau,
+    beside the same curves without rejection.
+    """
     files = []
     for col in dict.fromkeys(r["column"] for r in results):
         curves: dict[str, dict[str, list[list[float]]]] = {}
+        setting, attack_rounds = "", []
         for r in results:
             if r["column"] != col or r["status"] != "ok":
                 continue
-            rows = _read_rows(sweep_dir / "runs" / r["run"])
-            series = curves.setdefault(r["row"], {"acc": [], "asr": []})
-            series["acc"].append([m["clean_acc_thresholded"] for m in rows])
-            series["asr"].append([m["asr_thresholded"] for m in rows])
+            run_dir = sweep_dir / "runs" / r["run"]
+            rows, cfg = _read_rows(run_dir), yaml.safe_load((run_dir / "config.yaml").read_text())
+            tau = float(cfg.get("defense", {}).get("threshold", 0.0))
+            series = curves.setdefault(r["row"] + (f" (tau {tau:g})" if tau > 0 else ""), {})
+            keys = [("acc", "clean_acc_thresholded"), ("asr", "asr_thresholded"), ("asr_no_trigger", "asr_no_trigger")]
+            keys += [("acc_no_rejection", "clean_acc"), ("asr_no_rejection", "asr")] if tau > 0 else []
+            for key, column in keys:
+                series.setdefault(key, []).append([np.nan if m.get(column) is None else m[column] for m in rows])
+            if not setting:
+                setting = describe_run(cfg, defense_and_seed=False)
+                attack_rounds = [m["round"] for m in rows if m.get("attack_round")]
         if curves:
             name = "plot_" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", col).strip("_") + ".png"
-            plot_comparison(curves, sweep_dir / name, f"{sweep.title}: {col}")
+            seeds = sorted({r["seed"] for r in results if r["column"] == col and r["status"] == "ok"})
+            title = f"{sweep.title}: {col}. {setting}; seeds {seeds} (accuracy and ASR thresholded when tau > 0)"
+            plot_comparison(curves, sweep_dir / name, title, attack_rounds)
             files.append(name)
     return files
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flip_fl.config import Config, to_yaml
 from flip_fl.tables import write_csv
+
+if TYPE_CHECKING:
+    from flip_fl.experiments.round_files import RoundSink
 
 
 def _clean(value: Any) -> Any:
@@ -25,9 +29,26 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def flip_work(metrics: Mapping[str, Any], prefix: str = "") -> str:
+    """What a FLIP defense client's round did, from the stats it reports: `warm-up, 37 inversion steps, 5/15 triggers`.
+
+    `prefix`: `"client_"` to read a round row's means over the clients that reported them. Empty when the
+    metrics hold no FLIP stats (a plain client).
+    """
+    steps, found, tried = (metrics.get(f"{prefix}flip_{k}") for k in ("inversion_steps", "triggers_found",
+                                                                      "directions"))
+    if steps is None:
+        return ""
+    warmup = "warm-up, " if metrics.get(f"{prefix}flip_warmup") == 1 else ""
+    triggers = f", {found:.0f}/{tried:.0f} triggers found" if found is not None and tried is not None else ""
+    return f"{warmup}{steps:.0f} inversion steps{triggers}"
+
+
 def format_round(row: dict[str, Any]) -> str:
-    """One compact terminal line for a round."""
+    """One compact terminal line for a round (with FLIP defense clients: their mean inversion and hardening time)."""
     parts = [f"round {row['round']:>3}", f"acc {row['clean_acc']:.4f}", f"asr {row['asr']:.4f}"]
+    if row.get("asr_no_trigger") is not None:
+        parts[-1] += f" (no trigger {row['asr_no_trigger']:.4f})"
     if row.get("threshold", 0.0) > 0:
         parts += [f"acc@tau {row['clean_acc_thresholded']:.4f}", f"asr@tau {row['asr_thresholded']:.4f}",
                   f"rej {row['clean_reject_rate']:.3f}/{row['backdoor_reject_rate']:.3f}"]
@@ -35,6 +56,9 @@ def format_round(row: dict[str, Any]) -> str:
         parts.append(f"sampled {len(row['sampled'])} ({len(row['malicious'])} mal)")
         if row.get("failures"):
             parts.append(f"FAILURES {row['failures']}")
+        if row.get("client_invert_seconds") is not None:
+            parts.append(f"flip per client: invert {row['client_invert_seconds']:.1f}s, harden "
+                         f"{row.get('client_harden_seconds', 0.0):.1f}s, {flip_work(row, 'client_')}")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
 
@@ -42,9 +66,10 @@ def format_round(row: dict[str, Any]) -> str:
 class RunRecorder:
     """Writes `config.yaml` at once, appends `metrics.jsonl` per round, and the final files at the end."""
 
-    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True) -> None:
+    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True, sinks: Sequence[RoundSink] = ()) -> None:
         self.out_dir = out_dir
         self.echo = echo
+        self.sinks = list(sinks)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -58,8 +83,15 @@ class RunRecorder:
         self.rows.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        for sink in self.sinks:
+            sink.write(row)
         if self.echo:
             print(format_round(row), flush=True)
+
+    def close(self) -> None:
+        """Close the round sinks (CSV tables, TensorBoard)."""
+        for sink in self.sinks:
+            sink.close()
 
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
         """Save the final global model (`final_model.pt`)."""

@@ -18,9 +18,12 @@ from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
 from flip_fl.data import load_datasets
 from flip_fl.defenses.fltrust import evaluation_set
 from flip_fl.device import torch_device
-from flip_fl.evaluation.evaluator import GlobalEvaluator
+from flip_fl.evaluation.evaluator import GlobalEvaluator, validation_split
+from flip_fl.experiments.monitor import RunMonitor
 from flip_fl.experiments.plots import plot_run
+from flip_fl.experiments.progress import Progress, make_progress
 from flip_fl.experiments.results import RunRecorder
+from flip_fl.experiments.round_files import RoundSink, RoundTables, TensorBoardLog, check_tensorboard
 from flip_fl.federation.client import load_client_class
 from flip_fl.federation.client_app import app as client_app
 from flip_fl.federation.protocol import scalar_record, shared_config
@@ -67,6 +70,7 @@ class RoundReporter:
     evaluator: GlobalEvaluator
     recorder: RunRecorder
     watchdog: Watchdog
+    progress: Progress
 
     def __call__(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Evaluate `arrays` (the global model after `server_round`) and record the round."""
@@ -78,34 +82,59 @@ class RoundReporter:
         row = {"round": server_round, "threshold": self.cfg.defense.threshold, **metrics, **round_fields(record),
                "seconds": time.time() - started}
         self.recorder.record_round(row)
+        self.progress.round_finished(self.recorder.rows[-1])
         self.watchdog.beat()
         return scalar_record(metrics)
 
 
-def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool = True) -> dict[str, Any]:
+def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool = True,
+        quiet: bool = False) -> dict[str, Any]:
     """Run the simulation described by `cfg`, writing results to `out_dir`; returns the summary.
 
+    `echo`: show progress (a live display in a terminal; plain lines when piped or `quiet`).
     Raises ConfigError for bad input (before anything starts) and SimulationError at runtime.
     """
     check_client_classes(cfg)
+    if cfg.results.tensorboard:
+        check_tensorboard()
+    progress = make_progress(cfg.federation.num_rounds, quiet) if echo else Progress()
+    try:
+        return _run(cfg, out_dir, ray_address, progress)
+    finally:
+        progress.close()
+
+
+def _run(cfg: Config, out_dir: Path, ray_address: str | None, progress: Progress) -> dict[str, Any]:
+    progress.phase(f"loading data: {cfg.data.name}")
     train, test = load_datasets(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, train)
     if cfg.server.initial_model:
         load_initial_state(cfg, model)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    evaluator = GlobalEvaluator(cfg, evaluation_set(cfg, test), torch_device(cfg.resources.num_gpus))
+    device = torch_device(cfg.resources.num_gpus)
+    validation, test = validation_split(cfg, evaluation_set(cfg, test))
+    evaluator = GlobalEvaluator(cfg, test, device)
+    progress.phase(f"starting Ray ({cfg.federation.num_clients} clients, {cfg.resources.num_cpus:g} CPU each)")
     init_ray(cfg.resources, ray_address)
 
-    recorder = RunRecorder(out_dir, cfg, echo=echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sinks: list[RoundSink] = [RoundTables(out_dir)]
+    if cfg.results.tensorboard:
+        sinks.append(TensorBoardLog(out_dir / "tensorboard"))
+    recorder = RunRecorder(out_dir, cfg, echo=False, sinks=sinks)
     watchdog = Watchdog(limit=cfg.resources.round_timeout + 120.0)
     shared = shared_config(to_yaml(cfg), str((out_dir / "client_state").resolve()))
     job = ServerJob(num_clients=cfg.federation.num_clients, num_rounds=cfg.federation.num_rounds,
                     round_timeout=cfg.resources.round_timeout, initial_state=initial_state,
                     build_strategy=lambda partitions: build_strategy(cfg, partitions, shared),
-                    on_round=RoundReporter(cfg, model, evaluator, recorder, watchdog))
+                    on_round=RoundReporter(cfg, model, evaluator, recorder, watchdog, progress),
+                    observer=RunMonitor(progress, out_dir))
     outcome = RunOutcome()
-    launch(server_app(job, outcome), client_app, cfg.federation.num_clients, cfg.resources, watchdog)
+    try:
+        launch(server_app(job, outcome), client_app, cfg.federation.num_clients, cfg.resources, watchdog)
+    finally:
+        recorder.close()
     if outcome.error is not None:
         if isinstance(outcome.error, (ConfigError, SimulationError)):
             raise outcome.error
@@ -113,8 +142,11 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
     if outcome.final_state is None:
         raise SimulationError("the simulation ended without a final model (see the log above)")
 
+    progress.phase("final model: threshold sweep and plots")
     recorder.save_model(outcome.final_state)
     model.load_state_dict(outcome.final_state)
-    recorder.write_csv("threshold_sweep.csv", evaluator.sweep(model, SWEEP_THRESHOLDS))
+    sweeps = [("test", evaluator)] + ([("validation", GlobalEvaluator(cfg, validation, device))] if validation else [])
+    recorder.write_csv("threshold_sweep.csv", [{"split": split, **row} for split, ev in sweeps
+                                               for row in ev.sweep(model, SWEEP_THRESHOLDS)])
     plot_run(out_dir)
     return recorder.write_summary({"output_dir": str(out_dir)})

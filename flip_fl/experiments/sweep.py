@@ -24,6 +24,7 @@ import yaml
 
 from flip_fl.config import Config, ConfigError, config_from_dict, to_yaml
 from flip_fl.experiments.grid import Point, Sweep
+from flip_fl.experiments.progress import duration
 from flip_fl.experiments.report import error_line, write_report
 
 CLI_MODULE = "flip_fl.experiments.cli"
@@ -67,6 +68,22 @@ def run_point(point: Point, run_dir: Path, ray_address: str | None) -> tuple[boo
     return False, f"exit {rc}: {error_line(run_dir / 'log.txt')}"
 
 
+class SweepClock:
+    """Runs done / total and the ETA: the mean time of this invocation's runs times those left, over `jobs`."""
+
+    def __init__(self, todo: int, jobs: int, done: int = 0) -> None:
+        self.todo, self.jobs, self.done_before = todo, jobs, done
+        self.seconds: list[float] = []
+
+    def finished(self, seconds: float) -> str:
+        """Count a finished run; `runs 5/26 done, eta 12m30s`."""
+        self.seconds.append(seconds)
+        left = self.todo - len(self.seconds)
+        eta = sum(self.seconds) / len(self.seconds) * left / self.jobs
+        text = f"runs {self.done_before + len(self.seconds)}/{self.done_before + self.todo} done"
+        return text + (f", eta {duration(eta)}" if left else "")
+
+
 def run_sweep(sweep: Sweep, sweep_dir: Path, ray_address: str | None = None, jobs: int = 1,
               echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every unfinished point (grid order, `jobs` at a time), then write the report; returns the result rows.
@@ -86,6 +103,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, ray_address: str | None = None, job
         else:
             todo.append((i, point))
     lock = threading.Lock()
+    clock = SweepClock(len(todo), jobs, done=total - len(todo))
 
     def task(i: int, point: Point) -> None:
         with lock:
@@ -93,7 +111,9 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, ray_address: str | None = None, job
         start = time.time()
         ok, outcome = run_point(point, sweep_dir / "runs" / point.name, ray_address)
         with lock:
-            echo(f"[{i}/{total}] {point.name}: {'done' if ok else 'FAILED'} in {time.time() - start:.1f}s, {outcome}")
+            seconds = time.time() - start
+            echo(f"[{i}/{total}] {point.name}: {'done' if ok else 'FAILED'} in {seconds:.1f}s, {outcome} | "
+                 f"{clock.finished(seconds)}")
 
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:

@@ -27,15 +27,6 @@ class RoundRecord:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def short_reason(reason: str) -> str:
-    """The client's own exception message out of a Flower/Ray error reason (which wraps tracebacks)."""
-    marker = "Message: "
-    if marker in reason:
-        reason = reason.rsplit(marker, 1)[1]
-    lines = [line.strip() for line in reason.strip().strip("'>").splitlines() if line.strip()]
-    return lines[0][:300] if lines else "unknown error"
-
-
 def round_fields(record: RoundRecord | None) -> dict[str, Any]:
     """The client-side facts of a round for its metrics line (empty lists for round 0, which has no record)."""
     if record is None:

@@ -94,6 +94,20 @@ def init_ray(resources: ResourcesConfig, address: str | None) -> None:
                               f"{available.get(name, 0.0):g}; lower it or add resources")
 
 
+class ClientFailureLogFilter(logging.Filter):
+    """Drops Flower's own report of a failed client (two ERROR records with the full traceback, per client).
+
+    The same failure comes back to the strategy as an error reply, which the run summarises in one line
+    per reason and logs in full to errors.log; every other Flower error still reaches the terminal.
+    """
+
+    SOURCES = {("vce_api", "worker"), ("raybackend", "process_message")}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep every record but the per-client failure reports."""
+        return (record.module, record.funcName) not in self.SOURCES
+
+
 def launch(server_app: Any, client_app: Any, num_supernodes: int, resources: ResourcesConfig,
            watchdog: Watchdog) -> None:
     """Run `server_app` and `client_app` on Flower's Simulation Runtime (Ray must be started by `init_ray`).
@@ -102,7 +116,10 @@ def launch(server_app: Any, client_app: Any, num_supernodes: int, resources: Res
     """
     from flwr.simulation import run_simulation  # imported here: it configures logging on import
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    flower_log = logging.getLogger("flwr")
+    flower_log.setLevel(logging.ERROR)
+    quiet_failures = ClientFailureLogFilter()
+    flower_log.addFilter(quiet_failures)
     watchdog.start()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
@@ -110,3 +127,4 @@ def launch(server_app: Any, client_app: Any, num_supernodes: int, resources: Res
                                                             "num_gpus": resources.num_gpus}})
     finally:
         watchdog.stop()
+        flower_log.removeFilter(quiet_failures)

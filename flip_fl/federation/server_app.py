@@ -8,14 +8,17 @@ through a `RunOutcome`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flip_fl.federation.failures import is_out_of_memory, memory_hint, short_reason
+from flip_fl.federation.observe import NullObserver, ObservedGrid, RoundObserver
 from flip_fl.federation.protocol import read_partition
 from flip_fl.federation.runtime import SimulationError
 
@@ -36,6 +39,7 @@ class ServerJob:
     initial_state: dict[str, torch.Tensor]
     build_strategy: Callable[[dict[int, int]], Any]
     on_round: RoundCallback
+    observer: RoundObserver = field(default_factory=NullObserver)
 
 
 @dataclass
@@ -58,13 +62,19 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[in
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     mapping = {m.metadata.src_node_id: read_partition(m.content) for m in replies if not m.has_error()}
     if len(mapping) != num_clients:
-        errors = "; ".join(m.error.reason or "" for m in replies if m.has_error())[:500]
-        raise SimulationError(f"only {len(mapping)} of {num_clients} clients answered the start-up query. {errors}")
+        reasons = [m.error.reason or "" for m in replies if m.has_error()]
+        counts = Counter(short_reason(r) for r in reasons)
+        errors = "; ".join(f"{n}x {reason}" for reason, n in counts.items()) or "no reply"
+        memory = [r for r in reasons if is_out_of_memory(r)]
+        hint = f". {memory_hint(memory[0])}" if memory else ""
+        raise SimulationError(f"only {len(mapping)} of {num_clients} clients answered the start-up query: "
+                              f"{errors}{hint}")
     return mapping
 
 
 def serve(grid: Grid, job: ServerJob, outcome: RunOutcome) -> None:
     """Map nodes to partitions, build the strategy and run all rounds; the final model goes into `outcome`."""
+    job.observer.phase(f"connecting {job.num_clients} clients")
     partitions = discover_partitions(grid, job.num_clients, job.round_timeout)
     strategy = job.build_strategy(partitions)
     outcome.strategy = strategy
@@ -72,7 +82,8 @@ def serve(grid: Grid, job: ServerJob, outcome: RunOutcome) -> None:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         return job.on_round(strategy, server_round, arrays)
 
-    result = strategy.start(grid, ArrayRecord(job.initial_state), job.num_rounds, timeout=job.round_timeout,
+    observed = ObservedGrid(grid, strategy, job.observer, job.round_timeout)
+    result = strategy.start(observed, ArrayRecord(job.initial_state), job.num_rounds, timeout=job.round_timeout,
                             evaluate_fn=evaluate, train_config=ConfigRecord())
     outcome.final_state = result.arrays.to_torch_state_dict()
 

@@ -196,7 +196,7 @@ def _train_and_score(task: LabelTask, targets: Tensor, x_test: Tensor, y_test: T
     return evaluate_cta_pta(model, x_test, y_test, task.trigger, task.source, task.target)
 
 
-def _row(budget: int | float, flips: int, kind: str, scores: LabelScores) -> dict[str, Any]:
+def _row(budget: int | float | str, flips: int, kind: str, scores: LabelScores) -> dict[str, Any]:
     return {"budget": budget, "flips": flips, "labels": kind, "cta": scores.cta, "pta": scores.pta,
             "pta_clean": scores.pta_clean}
 
@@ -205,37 +205,56 @@ def _describe(scores: LabelScores) -> str:
     return f"CTA {scores.cta:.4f} PTA {scores.pta:.4f} (no trigger {scores.pta_clean:.4f})"
 
 
-def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Generator,
-             log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Train user models on the clean labels, each budget's flips and the baselines; write the table."""
-    x_test, y_test = all_on(test, task.x.device)
-    y = task.y
-    logits = torch.stack(load_logits(task, out)).mean(0).to(y.device) if task.settings.soft else None
-    scores = _train_and_score(task, y, x_test, y_test, generator)
-    rows = [_row(0, 0, "clean", scores)]
-    log(f"user: clean labels: {_describe(scores)}")
+def _baselines(task: LabelTask, y: Tensor, indices: Tensor, new_labels: Tensor,
+               generator: torch.Generator) -> list[tuple[str, str, tuple[Tensor, Tensor]]]:
+    """The enabled random controls for a label set that changed `indices` to `new_labels`."""
+    out = []
+    if task.settings.random_baseline:
+        out.append(("random", "random flips to the target", random_flips(y, len(indices), task.target, generator)))
+    if task.settings.matched_baseline:
+        out.append(("random-same-class", "random flips of the same classes to the same labels",
+                    matched_random_flips(y, indices, new_labels, generator)))
+    return out
+
+
+def _label_sets(task: LabelTask, out: Path, y: Tensor) -> list[tuple[int | float | str, str, Tensor, Tensor]]:
+    """(budget, kind, training targets, flipped ids) of every distinct label set the user models train on.
+
+    Hard labels: one set per budget. Soft labels: one set in all, `softmax(alpha*onehot + (1-alpha)*logits)` over
+    every image whatever the budget (training it once per budget would repeat one experiment under different
+    names); its "flips" are the images whose most likely soft label is not the true one.
+    """
+    if task.settings.soft:
+        logits = torch.stack(load_logits(task, out)).mean(0).to(y.device)
+        targets = soft_labels(logits, y, task.settings.alpha)
+        return [("soft", f"flip-soft alpha={task.settings.alpha:g}", targets,
+                 (targets.argmax(dim=1) != y).nonzero().flatten())]
+    sets: list[tuple[int | float | str, str, Tensor, Tensor]] = []
     for budget in task.settings.budgets:
         name = budget_name(budget)
         labels = torch.from_numpy(np.load(out / "flips" / f"labels_{name}.npy")).to(y.device)
-        n_flips = int((labels != y).sum())
-        if task.settings.soft:
-            assert logits is not None
-            targets, kind = soft_labels(logits, y, task.settings.alpha), "flip-soft"
-        else:
-            targets, kind = labels, "flip"
+        indices = torch.from_numpy(np.load(out / "flips" / f"indices_{name}.npy")).to(y.device)
+        sets.append((budget, "flip", labels, indices))
+    return sets
+
+
+def run_user(task: LabelTask, out: Path, test: ImageDataset, generator: torch.Generator,
+             log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Train user models on the clean labels, each distinct FLIP label set and the baselines; write the table."""
+    x_test, y_test = all_on(test, task.x.device)
+    y = task.y
+    scores = _train_and_score(task, y, x_test, y_test, generator)
+    rows = [_row(0, 0, "clean", scores)]
+    log(f"user: clean labels: {_describe(scores)}")
+    for budget, kind, targets, indices in _label_sets(task, out, y):
+        n_flips = len(indices)
         scores = _train_and_score(task, targets, x_test, y_test, generator)
         rows.append(_row(budget, n_flips, kind, scores))
-        log(f"user: budget {budget} ({n_flips} flips): {_describe(scores)}")
-        baselines = []
-        if task.settings.random_baseline:
-            baselines.append(("random", "random flips to the target", random_flips(y, n_flips, task.target, generator)))
-        if task.settings.matched_baseline:
-            indices = torch.from_numpy(np.load(out / "flips" / f"indices_{name}.npy")).to(y.device)
-            baselines.append(("random-same-class", "random flips of the same classes to the same labels",
-                              matched_random_flips(y, indices, labels[indices], generator)))
-        for kind, what, (idx, new) in baselines:
+        log(f"user: {kind} labels, budget {budget} ({n_flips} flips): {_describe(scores)}")
+        new_labels = targets[indices] if targets.dim() == 1 else targets[indices].argmax(dim=1)
+        for name, what, (idx, new) in _baselines(task, y, indices, new_labels, generator):
             scores = _train_and_score(task, apply_flips(y, idx, new), x_test, y_test, generator)
-            rows.append(_row(budget, n_flips, kind, scores))
+            rows.append(_row(budget, n_flips, name, scores))
             log(f"user: budget {budget}, {n_flips} {what}: {_describe(scores)}")
     write_table(out / "user", rows)
     return rows
