@@ -90,6 +90,11 @@ class ServerConfig:
     initial_model: str | None = key(None, "Path of a state_dict (.pt) to start from, e.g. a clean run's "
                                           "final_model.pt.")
     eval_batch_size: int = key(512, "Batch size of server-side evaluation.", ge=1)
+    min_clients: int | float = key(
+        0.5,
+        "Valid replies a round needs: a count (integer) or a fraction of the sampled clients (number in (0, 1]). A "
+        "round with fewer (failed or rejected replies) fails the run instead of aggregating what is left.",
+    )
 
 
 @dataclass
@@ -174,10 +179,15 @@ class DefenseConfig:
     num_malicious: int | None = key(
         None,
         "f assumed by krum, multikrum and bulyan (and rlr's default threshold); null: the most attackers due in one "
-        "round.",
+        "round. krum and multikrum need federation.clients_per_round > 2f + 2, bulyan >= 4f + 3.",
         ge=0,
     )
     multikrum_select: int | None = key(None, "m, the updates multikrum averages; null: replies - f.", ge=1)
+    bulyan_selection: Literal["iterated", "one_shot"] = key(
+        "iterated",
+        "bulyan: how theta = n - 2f updates are selected: iterated (the paper: Krum re-run on the remaining set "
+        "after each pick) or one_shot (Flower's Bulyan: the theta best Krum scores of the full set).",
+    )
     trim_beta: float = key(
         0.2,
         "trimmed_mean: fraction cut from each end per coordinate (Flower's default).",
@@ -422,13 +432,20 @@ class ResourcesConfig:
     ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); "
                                         "--ray-address overrides.")
     round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
+    memory_gb: float | None = key(
+        None,
+        "Memory a process may use for the dataset (GB); a synthetic dataset estimated to need more is a config "
+        "error. null: this machine's physical memory; raise it on purpose (e.g. with swap).",
+        gt=0.0,
+    )
 
 
 @dataclass
 class Config:
     """A whole run's configuration: one section per concern."""
 
-    seed: int = key(0, "Seed of data generation, partitioning, sampling, model init and local training.", ge=0)
+    seed: int = key(0, "Seed of data generation, partitioning, sampling, model init and local training.", ge=0,
+                    le=2**63 - 1)
     data: DataConfig = section(DataConfig, "Dataset and partitioning.")
     model: ModelConfig = section(ModelConfig, "Model architecture.")
     federation: FederationConfig = section(FederationConfig, "Clients and rounds.")

@@ -39,7 +39,7 @@ def plot_run(run_dir: Path) -> Path:
     """Write a run's `curves.png`.
 
     Clean accuracy and ASR per round, rejection rates when tau > 0, and the defense's detection
-    recall / attacker weight when it reports them. Attack rounds are shaded.
+    recall, precision and attackers' weight and share when it reports them. Attack rounds are shaded.
     """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
@@ -65,6 +65,7 @@ def plot_run(run_dir: Path) -> Path:
         det.plot(*_series(rows, "detection_recall"), "o-", color="tab:green", label="attackers rejected (recall)")
         det.plot(*_series(rows, "detection_precision"), "s--", color="tab:olive", label="rejection precision")
         det.plot(*_series(rows, "defense_attacker_weight"), "^:", color="tab:purple", label="attackers' weight")
+        det.plot(*_series(rows, "defense_attacker_share"), "v:", color="tab:red", label="attackers' share")
         det.set_ylabel("defense")
     axes[0].set_ylabel("rate")
     defense, mode = cfg.get("defense", {}).get("name", "?"), cfg.get("attack", {}).get("mode", "?")
