@@ -116,6 +116,8 @@ CATALOGUE: list[tuple[str, list[str], str]] = [
     ("no clients", run_("federation.num_clients=0"), "federation.num_clients: 0 is out of range"),
     ("sample beyond clients", run_("federation.clients_per_round=7"), "federation.clients_per_round: 7 exceeds"),
     ("fractional rounds", run_("federation.num_rounds=2.5"), "federation.num_rounds: expected an integer"),
+    ("rounds beyond the bound", run_("federation.num_rounds=100000000000"),
+     "federation.num_rounds: 100000000000 is out of range; it must be <= 1000000"),
     # ---- client classes (the module is imported before Ray)
     ("class path without module", run_("clients.benign=NoDots"), "clients.benign: 'NoDots' is not a dotted path"),
     ("client module missing", run_("clients.benign=nowhere.Client"), "clients.benign: cannot import module 'nowhere'"),
@@ -191,6 +193,12 @@ CATALOGUE: list[tuple[str, list[str], str]] = [
     # ---- flip and labels sections
     ("one Adam beta", run_("flip.betas=[0.5]"), "flip.betas: [0.5] must be two numbers"),
     ("infinite hardening lr", run_("flip.lr=.inf"), "flip.lr: inf is not a finite number"),
+    ("unknown flip schedule", run_("flip.schedule=slow"), "flip.schedule: 'slow' is not allowed"),
+    ("infinite fast budget", run_("flip.fast.budget=.inf"), "flip.fast.budget: inf is not a finite number"),
+    ("fast steps reversed", run_("flip.fast.min_steps=50", "flip.fast.max_steps=10"),
+     "flip.fast.min_steps: 50 exceeds flip.fast.max_steps (10)"),
+    ("digits split too thin", run_("data.name=digits", "federation.num_clients=3000"),
+     "federation.num_clients: 1562 of 3000 clients get no data"),
     ("trajectory fraction reversed", run_("labels.trajectory_fraction=[0.5, 0.2]"), "labels.trajectory_fraction:"),
     ("zero flip budget", run_("labels.budgets=[0]"), "labels.budgets[0]: 0 must be at least 1"),
     ("client budget above 1", run_("labels.client_budget=1.5"), "labels.client_budget: 1.5 must be a count"),
@@ -339,6 +347,20 @@ def test_the_catalogue_covers_every_kind_of_input():
     sections = {s.split("=")[0].split(".")[0] for _, argv, _ in CATALOGUE for s in argv if "=" in s and "." in s}
     assert {"data", "model", "federation", "clients", "client", "server", "attack", "defense", "flip", "labels",
             "resources"} <= sections
+
+
+@pytest.mark.parametrize("argv", [["--config", "base.yaml"], ["sweep", "--config", "sweep_ok.yaml"],
+                                  ["labels", "--config", "base.yaml"]], ids=["run", "sweep", "labels"])
+def test_ctrl_c_is_exit_130_with_one_line(argv, workspace, monkeypatch, capsys, tripwires):
+    """Ctrl-C while the config is read (before Ray) ends every subcommand with one line, no traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(cli, "load_config", interrupted)
+    monkeypatch.setattr(cli, "load_sweep", interrupted)
+    code, err = in_process(argv, capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1 and err.startswith("interrupted: "), err
 
 
 @pytest.mark.e2e

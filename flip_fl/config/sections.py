@@ -60,7 +60,8 @@ class FederationConfig:
 
     num_clients: int = key(20, "Number of clients (Flower supernodes), one data partition each.", ge=1)
     clients_per_round: int = key(10, "Clients sampled per round.", ge=1)
-    num_rounds: int = key(5, "Federated rounds to run.", ge=1)
+    num_rounds: int = key(5, "Federated rounds to run (at most 1,000,000: the attack schedule is checked round by "
+                          "round before the run starts).", ge=1, le=1_000_000)
 
 
 @dataclass

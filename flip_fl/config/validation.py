@@ -32,6 +32,9 @@ def validate(cfg: Config) -> None:
     flip = cfg.flip
     if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
         raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
+    if flip.fast.min_steps > flip.fast.max_steps:
+        raise ConfigError(f"flip.fast.min_steps: {flip.fast.min_steps} exceeds flip.fast.max_steps "
+                          f"({flip.fast.max_steps})")
     validate_labels(cfg, num_classes)
 
 
