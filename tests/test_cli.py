@@ -6,6 +6,10 @@ stage outputs), flags, and the `sweep` and `labels` subcommands. Most cases call
 process (Ray, the sweep's runs and the label stages are replaced by tripwires: reaching them fails the
 test); a handful run `sim.py` as a user would, in a subprocess (marked e2e), started together in the
 background when the first of them is needed.
+
+"Within seconds" is measured in CPU seconds (user + system) of the code under test, not wall time: on an
+idle 2-core machine a subprocess case takes about 5 s of wall time (mostly importing torch), but a loaded
+CI machine can stretch that past any fixed bound without the command doing more work.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -281,11 +287,18 @@ def background(workspace):
     pool = ThreadPoolExecutor(max_workers=2)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
-    def sim(argv: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, str(ROOT / "sim.py"), *argv], cwd=workspace, capture_output=True,
-                              text=True, timeout=120, env=env)
-        return done, time.perf_counter() - start
+    def sim(argv: list[str]) -> tuple[int, str, float]:
+        """(exit code, stderr, CPU seconds of the child), the child reaped with os.wait4 for its own rusage."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "sim.py"), *argv], cwd=workspace, stdout=out,
+                                    stderr=err, text=True, env=env)
+            watchdog = threading.Timer(120, proc.kill)
+            watchdog.start()
+            _, status, usage = os.wait4(proc.pid, 0)
+            watchdog.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            err.seek(0)
+            return proc.returncode, err.read(), usage.ru_utime + usage.ru_stime
 
     futures: dict[str, Future] = {name: pool.submit(sim, argv) for name, argv, _ in CATALOGUE if name in SUBPROCESS}
     yield futures
@@ -323,19 +336,18 @@ PARAMS = [pytest.param(name, argv, expected, "in-process", id=name) for name, ar
 def test_bad_input_is_exit_2_with_one_line_naming_it(name, argv, expected, how, workspace, monkeypatch, capsys,
                                                       tripwires, request):
     if how == "subprocess":
-        done, seconds = request.getfixturevalue("background")[name].result()
-        code, err = done.returncode, done.stderr
+        code, err, seconds = request.getfixturevalue("background")[name].result()
     else:
         monkeypatch.chdir(workspace)
         monkeypatch.syspath_prepend(str(workspace))
-        start = time.perf_counter()
+        start = time.process_time()
         code, err = in_process(argv, capsys)
-        seconds = time.perf_counter() - start
+        seconds = time.process_time() - start
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert "Traceback" not in err and "weights_only" not in err
-    assert seconds < 15, f"{name} took {seconds:.1f}s"
+    assert seconds < 15, f"{name} took {seconds:.1f} CPU seconds"
     assert not (workspace / "pwned.txt").exists() and not (workspace / "fresh").exists()
 
 
