@@ -45,14 +45,18 @@ class ClientStream(IntEnum):
     """FLIP defense: the (source, target) pair schedule."""
 
 
+TORCH_SEEDS = 2**64
+"""torch generators take seeds below 2**64: derived seeds wrap around (unchanged for every seed that fits)."""
+
+
 def synthetic_data_seed(seed: int) -> int:
     """Seed of the torch generator that draws the synthetic dataset."""
-    return seed * 7919 + 17
+    return (seed * 7919 + 17) % TORCH_SEEDS
 
 
 def label_stage_seed(seed: int, stage_index: int) -> int:
     """Seed of the torch generator of stage `stage_index` of the FLIP label-attack pipeline."""
-    return seed * 1000 + stage_index
+    return (seed * 1000 + stage_index) % TORCH_SEEDS
 
 
 def numpy_rng(*entropy: int) -> np.random.Generator:

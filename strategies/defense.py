@@ -11,7 +11,14 @@ round and written into that round's metrics line (`RoundRecord.extra`):
 - `defense_kept` / `defense_rejected`: partition ids, for rules that decide per client;
 - `detection_tp/fp/fn/tn/precision/recall/f1/rejection_rate/false_positive_rate`: rejection seen as
   detection of the attacking clients (`flip_fl.evaluation.detection`; positive = rejected);
-- `defense_attacker_weight`: total weight the attacking clients got (null without attackers);
+- `defense_attacker_weight`: the attacking clients' total weight in the rule, before any clipping or
+  rescaling (null without attackers);
+- `defense_attacker_share`: the attacking clients' share of the aggregate update itself, after clipping
+  and rescaling: sum over attackers of |w_i s_i u_i| / sum over all clients (rules that combine whole
+  updates; null without attackers);
+- `defense_skipped`, `defense_skip_reason`: a round the rule could not decide (too few valid replies
+  for Krum's or Bulyan's bound) keeps the global model and records no kept/rejected lists or detection
+  counts, so rounds without a decision never count as rejections;
 - `defense_<key>`: the rule's scalar diagnostics (clip norm, cluster size, flipped coordinates...);
 - `aggregation_seconds`: wall time of the aggregation rule itself (the defense's server cost).
 """
@@ -25,9 +32,10 @@ from typing import Any, ClassVar, cast
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from flip_fl.defenses.common import AggregationOutcome
+from flip_fl.defenses.common import AggregationOutcome, row_norms
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
 from flip_fl.evaluation.detection import detection_scores
+from flip_fl.federation import protocol
 from flip_fl.registry import DEFENSES
 from flip_fl.seeds import DEFENSE_NOISE, numpy_rng
 from strategies.seeded_fedavg import SeededFedAvg, arrays_to_numpy, numpy_to_arrays
@@ -35,11 +43,18 @@ from strategies.seeded_fedavg import SeededFedAvg, arrays_to_numpy, numpy_to_arr
 
 @dataclass
 class Decision:
-    """How a rule treated each aggregated client, aligned with the (sorted) replies."""
+    """How a rule treated each aggregated client, aligned with the (sorted) replies.
+
+    `norms` (the L2 norms of the updates the rule combined) is set for rules whose aggregate is
+    sum_i weights[i] * scales[i] * update_i, so the attackers' share of it can be measured; `skipped`
+    is the reason when the rule made no decision this round.
+    """
 
     weights: np.ndarray | None = None
     kept: np.ndarray | None = None
     scales: np.ndarray | None = None
+    norms: np.ndarray | None = None
+    skipped: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,10 +72,16 @@ def detection_fields(clients: list[int], attacking: list[int], decision: Decisio
     """The metrics-line fields of one round's decision (see the module docstring)."""
     bad = np.array([pid in set(attacking) for pid in clients], dtype=bool)
     out: dict[str, Any] = {"defense_clients": list(clients)}
+    if decision.skipped is not None:
+        out.update({"defense_skipped": True, "defense_skip_reason": decision.skipped})
+        out.update({f"defense_{k}": _json_scalar(v) for k, v in decision.info.items() if k != "skipped"})
+        return out
     if decision.weights is not None:
         w = np.asarray(decision.weights, dtype=np.float64)
         out["defense_weights"] = [round(float(v), 6) for v in w]
         out["defense_attacker_weight"] = float(w[bad].sum()) if bad.any() else None
+        if decision.norms is not None:
+            out["defense_attacker_share"] = attacker_share(w, decision.scales, decision.norms, bad)
     if decision.scales is not None:
         out["defense_scales"] = [round(float(v), 6) for v in decision.scales]
     if decision.kept is not None:
@@ -72,6 +93,16 @@ def detection_fields(clients: list[int], attacking: list[int], decision: Decisio
                     if k not in ("num_rejected", "num_malicious")})
     out.update({f"defense_{k}": _json_scalar(v) for k, v in decision.info.items()})
     return out
+
+
+def attacker_share(weights: np.ndarray, scales: np.ndarray | None, norms: np.ndarray, bad: np.ndarray) -> float | None:
+    """The attackers' part of sum_i w_i s_i u_i, by contribution norms |w_i s_i| ||u_i|| (None without attackers)."""
+    if not bad.any():
+        return None
+    s = np.ones_like(weights) if scales is None else np.asarray(scales, dtype=np.float64)
+    contribution = np.abs(weights * s) * np.asarray(norms, dtype=np.float64)
+    total = float(contribution.sum())
+    return float(contribution[bad].sum()) / total if total > 0 else 0.0
 
 
 @DEFENSES.register("fedavg")
@@ -133,7 +164,7 @@ class DefenseStrategy(SeededFedAvg):
 
     def example_weights(self, replies: list[Message]) -> np.ndarray:
         """Each reply's aggregation weight under `server.weighted` (num-examples or 1)."""
-        return np.array([float(cast(float, next(iter(m.content.metric_records.values()))[self.weighted_by_key]))
+        return np.array([float(cast(float, m.content.metric_records[protocol.WEIGHTS][self.weighted_by_key]))
                          for m in replies])
 
     def train_metrics(self, replies: list[Message]) -> MetricRecord | None:
@@ -156,13 +187,19 @@ class DeltaDefense(DefenseStrategy):
 
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        """The rule on the parameter updates; BatchNorm statistics follow the rule's client weights."""
+        """The rule on the parameter updates; BatchNorm statistics follow the rule's client weights.
+
+        Only clients with a non-zero weight enter the statistics' mean: a rejected client's entries are
+        never read, whatever they hold.
+        """
         updates = self.client_updates(replies)
         params = self.parameter_mask()
         delta = np.zeros(updates.shape[1])
         delta[params], decision = self.rule(server_round, replies, updates[:, params])
         assert decision.weights is not None
-        delta[~params] = decision.weights @ updates[:, ~params]
+        used = np.flatnonzero(decision.weights)
+        delta[~params] = decision.weights[used] @ updates[np.ix_(used, np.flatnonzero(~params))]
+        decision.norms = row_norms(updates[:, params])
         return self.model_from_delta(delta), self.train_metrics(replies), decision
 
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:

@@ -24,14 +24,17 @@ def federation_options(cfg: Config, node_partitions: Mapping[int, int],
     """The keyword arguments of `SeededFedAvg` (every strategy takes them)."""
     return {"node_partitions": node_partitions, "sampler": round_sampler(cfg), "benign_client": cfg.clients.benign,
             "malicious_client": cfg.attack.client, "server_lr": cfg.server.lr, "weighted": cfg.server.weighted,
-            "shared_config": shared_config, "round_timeout": cfg.resources.round_timeout}
+            "shared_config": shared_config, "round_timeout": cfg.resources.round_timeout,
+            "min_clients": cfg.server.min_clients}
 
 
 def defense_options(cfg: Config) -> dict[str, Any]:
     """The keyword arguments of the defense `defense.name` (its own parameters, f resolved)."""
     d, name = cfg.defense, cfg.defense.name
-    if name in ("krum", "bulyan"):
+    if name == "krum":
         return {"num_malicious": assumed_malicious(cfg)}
+    if name == "bulyan":
+        return {"num_malicious": assumed_malicious(cfg), "selection": d.bulyan_selection}
     if name == "multikrum":
         return {"num_malicious": assumed_malicious(cfg), "num_selected": d.multikrum_select}
     if name == "trimmed_mean":

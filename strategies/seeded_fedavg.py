@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,13 +14,29 @@ from flwr.serverapp.strategy import FedAvg
 
 from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.federation import protocol
-from flip_fl.federation.failures import group_failures, no_reply_reason
+from flip_fl.federation.failures import no_reply_reason, short_reason
 from flip_fl.federation.rounds import RoundRecord
 from flip_fl.federation.schedule import RoundSampler
 
 
 class RoundFailedError(RuntimeError):
-    """Every sampled client of a round failed: there is nothing to aggregate."""
+    """A round cannot produce a trustworthy global model: too few valid replies, or a non-finite aggregate."""
+
+
+def required_replies(min_clients: int | float, sampled: int) -> int:
+    """Valid replies a round needs: `min_clients` as a count (int) or a fraction of the sampled clients (float)."""
+    if isinstance(min_clients, float):
+        return max(1, math.ceil(min_clients * sampled - 1e-9))
+    return max(1, min(int(min_clients), sampled))
+
+
+def failure_summary(record: RoundRecord, valid: int, needed: int) -> str:
+    """One line on a round with too few valid replies: how many, what was needed, the first reasons."""
+    n = len(record.sampled)
+    head = (f"all {n} sampled clients failed" if valid == 0 else
+            f"only {valid} of {n} sampled clients sent a valid reply, server.min_clients asks for {needed}")
+    more = f"; ... ({len(record.errors) - 3} more)" if len(record.errors) > 3 else ""
+    return f"{head}: {'; '.join(record.errors[:3])}{more}"
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -39,10 +56,13 @@ class SeededFedAvg(FedAvg):
       attackers forced into their attack rounds when configured) instead of Flower's unseeded draw.
     - Roles: each sampled node gets its own ConfigRecord naming its client class and attack flags
       (`flip_fl.federation.protocol.train_config`); `shared_config` goes to every node.
-    - Aggregation: replies are sorted by partition id, failures counted (a round where every client
-      failed raises `RoundFailedError`), then `aggregate_models` computes the aggregate model
-      (FedAvg's mean here; Krum, median, ... in the defenses) and the server learning rate `server_lr`
-      is applied to the difference from the global model.
+    - Screening: every reply is checked (`protocol.check_fit_reply`) before any rule sees it; error
+      replies, malformed or non-finite ones and missing replies are failed clients, counted with their
+      reason. A round with fewer than `min_clients` valid replies raises `RoundFailedError` (the run
+      fails) rather than aggregating what is left, e.g. the attackers alone.
+    - Aggregation: the valid replies, sorted by partition id, go to `aggregate_models`, which computes
+      the aggregate model (FedAvg's mean here; Krum, median, ... in the defenses), and the server
+      learning rate `server_lr` is applied to the difference from the global model.
     - Weighting: by "num-examples" (`weighted`) or by "unit-weight" (a plain mean).
 
     Args:
@@ -54,13 +74,14 @@ class SeededFedAvg(FedAvg):
         weighted: weight client updates by their number of examples.
         shared_config: settings every node gets in its train config (`protocol.shared_config`).
         round_timeout: seconds a round may take (for the error message of a round without replies).
+        min_clients: valid replies a round needs, a count (int) or a fraction of the sampled clients (float).
         **kwargs: passed on to the Flower strategy next in the MRO.
     """
 
     def __init__(self, *, node_partitions: Mapping[int, int], sampler: RoundSampler, benign_client: str,
                  malicious_client: str, server_lr: float = 1.0, weighted: bool = True,
                  shared_config: Mapping[str, str] | None = None, round_timeout: float = 1800.0,
-                 **kwargs: Any) -> None:
+                 min_clients: int | float = 1, **kwargs: Any) -> None:
         kwargs.setdefault("weighted_by_key", protocol.NUM_EXAMPLES if weighted else protocol.UNIT_WEIGHT)
         super().__init__(fraction_evaluate=0.0, min_available_nodes=len(node_partitions), **kwargs)
         self.partition_of = dict(node_partitions)
@@ -72,6 +93,7 @@ class SeededFedAvg(FedAvg):
         self.server_lr = server_lr
         self.shared_config = dict(shared_config or {})
         self.round_timeout = round_timeout
+        self.min_clients = min_clients
         self.rounds: dict[int, RoundRecord] = {}
         self.global_state: dict[str, np.ndarray] = {}
 
@@ -99,27 +121,54 @@ class SeededFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Count failures, aggregate the sorted replies and apply the server learning rate."""
+        """Screen the replies, aggregate the valid ones in partition order and apply the server learning rate.
+
+        Raises `RoundFailedError` when fewer than `min_clients` replies are valid, or when the new global
+        model would not be finite.
+        """
         record = self.rounds[server_round]
-        replies = list(replies)
-        ok = sorted((m for m in replies if not m.has_error()), key=lambda m: self.partition_of[m.metadata.src_node_id])
-        answered = {self.partition_of[m.metadata.src_node_id] for m in replies}
-        record.failed = sorted({self.partition_of[m.metadata.src_node_id] for m in replies if m.has_error()}
-                               | (set(record.sampled) - answered))
-        record.failures = len(record.failed)
-        reasons = {p: no_reply_reason(self.round_timeout) for p in record.failed}
-        reasons.update({self.partition_of[m.metadata.src_node_id]: m.error.reason or ""
-                        for m in replies if m.has_error()})
-        groups = group_failures(reasons)
-        record.errors = [g.reason for g in groups]
-        if not ok:
-            summary = "; ".join(g.describe() for g in groups)
-            raise RoundFailedError(f"round {server_round}: all {len(record.sampled)} sampled clients failed: {summary}")
-        for m in ok:
+        valid = self.screen_replies(record, list(replies))
+        needed = required_replies(self.min_clients, len(record.sampled))
+        if len(valid) < needed:
+            raise RoundFailedError(f"round {server_round}: {failure_summary(record, len(valid), needed)}")
+        for m in valid:
             record.client_metrics[self.partition_of[m.metadata.src_node_id]] = protocol.read_client_metrics(m.content)
-        aggregate, metrics = self.aggregate_models(server_round, ok)
+        aggregate, metrics = self.aggregate_models(server_round, valid)
         new_state = apply_server_lr(self.global_state, arrays_to_numpy(aggregate), self.server_lr)
+        broken = [k for k, v in new_state.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+        if broken:
+            raise RoundFailedError(f"round {server_round}: the new global model is not finite in {broken[0]!r}: the "
+                                   f"aggregate update times server.lr ({self.server_lr:g}) overflows "
+                                   f"{new_state[broken[0]].dtype}")
         return numpy_to_arrays(new_state), metrics
+
+    def screen_replies(self, record: RoundRecord, replies: list[Message]) -> list[Message]:
+        """The well-formed replies in partition order; every other sampled client is recorded as failed.
+
+        A failure is an error reply (the client raised), a reply that `protocol.check_fit_reply` rejects
+        (missing, extra, mis-shaped, mistyped or non-finite entries, bad weights or metrics) or no reply at
+        all. Each failed client is recorded once with its reason (`RoundRecord.failed`, `.errors`); replies
+        from nodes that were not sampled and repeated replies are ignored.
+        """
+        sampled = set(record.sampled)
+        reasons: dict[int, str] = {}
+        valid: dict[int, Message] = {}
+        for m in replies:
+            pid = self.partition_of.get(m.metadata.src_node_id)
+            if pid is None or pid not in sampled or pid in valid or pid in reasons:
+                continue
+            reason = (short_reason(m.error.reason or "") if m.has_error()
+                      else protocol.check_fit_reply(m.content, self.global_state))
+            if reason is None:
+                valid[pid] = m
+            else:
+                reasons[pid] = reason
+        for pid in sampled - set(valid) - set(reasons):
+            reasons[pid] = no_reply_reason(self.round_timeout)
+        record.failed = sorted(reasons)
+        record.failures = len(reasons)
+        record.errors = [f"client {pid}: {reasons[pid]}" for pid in record.failed]
+        return [valid[pid] for pid in sorted(valid)]
 
     def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
         """The aggregate client model before the server learning rate (Flower's rule via the MRO)."""

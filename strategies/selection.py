@@ -1,11 +1,14 @@
 """Defenses that select clients: Krum, Multi-Krum and Bulyan.
 
-The rules are the numpy functions `flip_fl.defenses.krum.krum` (with Flower's neighbour count,
-`max(1, n - f - 2)`, and no bound on f) and `flip_fl.defenses.bulyan.bulyan` (Flower's one-shot
-selection); they return which clients they selected. They see the trained parameters' updates only:
-BatchNorm statistics (running mean/var and the batch counters, which differ by the number of local steps
-and would dominate the distances) are averaged over the selected clients afterwards, with the selection's
-(example) weights.
+The rules are the numpy functions `flip_fl.defenses.krum.krum` and `flip_fl.defenses.bulyan.bulyan`, on
+float64 updates with exact pairwise distances; they return which clients they selected. They see the
+trained parameters' updates only: BatchNorm statistics (running mean/var and the batch counters, which
+differ by the number of local steps and would dominate the distances) are averaged over the selected
+clients afterwards, with the selection's (example) weights.
+
+Each rule has a bound on the replies it needs for f assumed attackers (Krum: n > 2f + 2, Bulyan:
+n >= 4f + 3). The config guarantees it for the sampled clients; a round whose valid replies fall below
+it (client failures) keeps the global model and is recorded as skipped, never as a decision.
 """
 
 from __future__ import annotations
@@ -15,15 +18,48 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from flip_fl.defenses.bulyan import bulyan
+from flip_fl.defenses.bulyan import Selection, bulyan
 from flip_fl.defenses.krum import krum
 from flip_fl.registry import DEFENSES
 from strategies.defense import Decision, DeltaDefense
 from strategies.seeded_fedavg import numpy_to_arrays
 
 
+class SelectionDefense(DeltaDefense):
+    """A rule that needs at least `minimum_replies()` replies for f = `num_malicious`; rounds with fewer are skipped.
+
+    Args:
+        num_malicious: f, the number of malicious clients the rule assumes.
+        **kwargs: those of `SeededFedAvg`.
+    """
+
+    bound: str = ""
+
+    def __init__(self, *, num_malicious: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_malicious = num_malicious
+
+    def minimum_replies(self) -> int:
+        """The fewest replies the rule's guarantee holds for."""
+        raise NotImplementedError
+
+    def aggregate_rule(self, server_round: int,
+                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
+        """The rule on the updates, or the global model (a skipped round) when too few clients replied."""
+        info: dict[str, Any] = {"num_malicious": self.num_malicious}
+        if len(replies) < self.minimum_replies():
+            reason = (f"{len(replies)} valid replies; {self.name} with f = {self.num_malicious} needs "
+                      f"{self.bound} = {self.minimum_replies()}")
+            return (numpy_to_arrays(self.global_state), self.train_metrics(replies),
+                    Decision(skipped=reason, info=info))
+        aggregate, metrics, decision = super().aggregate_rule(server_round, replies)
+        assert decision is not None
+        decision.info = {**info, **decision.info, "skipped": False}
+        return aggregate, metrics, decision
+
+
 @DEFENSES.register("krum")
-class KrumDefense(DeltaDefense):
+class KrumDefense(SelectionDefense):
     """Krum (Blanchard et al. 2017): the single update closest to its n - f - 2 neighbours.
 
     Args:
@@ -32,10 +68,11 @@ class KrumDefense(DeltaDefense):
     """
 
     name = "krum"
+    bound = "2f + 3"
 
-    def __init__(self, *, num_malicious: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_malicious = num_malicious
+    def minimum_replies(self) -> int:
+        """Krum's n > 2f + 2."""
+        return 2 * self.num_malicious + 3
 
     def num_selected(self, num_replies: int) -> int:
         """How many updates the rule averages (one for Krum)."""
@@ -44,8 +81,8 @@ class KrumDefense(DeltaDefense):
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
         """The selected updates' (example-weighted) mean; the decision names them."""
         out = krum(updates, self.num_malicious, multi_k=self.num_selected(len(replies)),
-                   weights=self.example_weights(replies), strict=False)
-        return out.delta, Decision(weights=out.weights, kept=out.kept, info={"num_malicious": self.num_malicious})
+                   weights=self.example_weights(replies))
+        return out.delta, Decision(weights=out.weights, kept=out.kept)
 
 
 @DEFENSES.register("multikrum")
@@ -71,34 +108,36 @@ class MultiKrumDefense(KrumDefense):
 
 
 @DEFENSES.register("bulyan")
-class BulyanDefense(DeltaDefense):
-    """Bulyan (El Mhamdi et al. 2018) as Flower implements it.
+class BulyanDefense(SelectionDefense):
+    """Bulyan (El Mhamdi et al. 2018).
 
-    One-shot Multi-Krum selection of theta = n - 2f updates, then per coordinate the mean of the
-    beta = theta - 2f values closest to the median. A round with fewer than 4f + 3 replies (client
-    failures) keeps the global model.
+    Krum-based selection of theta = n - 2f updates (the paper's iterated Krum, or Flower's one-shot
+    Multi-Krum with `selection="one_shot"`), then per coordinate the mean of the beta = theta - 2f values
+    closest to the median.
 
     Args:
         num_malicious: f.
+        selection: "iterated" (the paper) or "one_shot" (Flower's `Bulyan`).
         **kwargs: those of `SeededFedAvg`.
     """
 
     name = "bulyan"
+    bound = "4f + 3"
 
-    def __init__(self, *, num_malicious: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_malicious = num_malicious
+    def __init__(self, *, num_malicious: int, selection: Selection = "iterated", **kwargs: Any) -> None:
+        super().__init__(num_malicious=num_malicious, **kwargs)
+        self.selection = selection
+
+    def minimum_replies(self) -> int:
+        """Bulyan's n >= 4f + 3."""
+        return 4 * self.num_malicious + 3
 
     def aggregate_rule(self, server_round: int,
                        replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        """Bulyan on the updates, or the global model when too few clients replied."""
-        if len(replies) < 4 * self.num_malicious + 3:
-            kept = np.zeros(len(replies), dtype=bool)
-            return (numpy_to_arrays(self.global_state), self.train_metrics(replies),
-                    Decision(kept=kept, info={"num_malicious": self.num_malicious, "skipped": True}))
+        """Bulyan on the updates; `kept` is the client-level decision (the second stage is per coordinate)."""
         aggregate, metrics, decision = super().aggregate_rule(server_round, replies)
-        assert decision is not None
-        decision.weights = None  # coordinate-wise on the theta selected: `kept` is the client-level decision
+        if decision is not None and decision.skipped is None:
+            decision.weights = None  # coordinate-wise on the theta selected: `kept` is the client-level decision
         return aggregate, metrics, decision
 
     def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
@@ -106,7 +145,7 @@ class BulyanDefense(DeltaDefense):
 
         The decision's weights (the selected clients' example weights) average the BatchNorm statistics.
         """
-        out = bulyan(updates, self.num_malicious)
+        out = bulyan(updates, self.num_malicious, self.selection)
         weights = np.where(out.kept, self.example_weights(replies), 0.0)
         return out.delta, Decision(weights=weights / weights.sum(), kept=out.kept,
-                                   info={"num_malicious": self.num_malicious, "skipped": False})
+                                   info={"selection": self.selection})

@@ -36,11 +36,11 @@ def iterated_bulyan(U: Any, num_malicious: int) -> AggregationOutcome:
     Selection: `theta = n - 2f` updates are chosen by applying Krum repeatedly to the remaining set (each
     pick is removed and scores are recomputed on the rest, with `max(1, n_remaining - f - 2)` neighbours --
     the inner steps cannot satisfy Krum's own `n > 2f + 2` once the set shrinks; this matches the paper's
-    recursion and Flower's legacy `aggregate_bulyan`). The second stage and the outcome are those of the
-    production rule `flip_fl.defenses.bulyan.bulyan` (which selects in one shot, as Flower's new-style
-    Bulyan); `arrays["selection_order"]` lists the picks in order.
+    recursion and Flower's legacy `aggregate_bulyan`), written out here independently of the production
+    rule's `iterated_krum`. The second stage and the outcome are those of `flip_fl.defenses.bulyan.bulyan`;
+    `arrays["selection_order"]` lists the picks in order.
     """
-    one_shot = bulyan(U, num_malicious)  # validates and gives theta, beta and the full-set Krum scores
+    one_shot = bulyan(U, num_malicious, "one_shot")  # validates and gives theta, beta and the full-set Krum scores
     U = as_updates(U)
     n, f = U.shape[0], int(num_malicious)
     theta, beta = one_shot.info["theta"], one_shot.info["beta"]

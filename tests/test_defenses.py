@@ -24,6 +24,7 @@ from flip_fl.defenses.updates import bn_statistic_mask, flatten_state
 from flip_fl.federation.rounds import RoundRecord
 from strategies import DEFENSES, build_strategy
 from strategies.seeded_fedavg import arrays_to_numpy
+from tests.reference_rules import iterated_bulyan
 from tests.tiny import tiny_config
 
 N, BAD = 7, 3
@@ -162,11 +163,15 @@ def test_multikrum_averages_the_n_minus_f_best_weighted_by_examples():
     np.testing.assert_allclose(extra["defense_weights"], ref.weights, atol=1e-6)
 
 
-def test_bulyan_one_shot_selection_then_coordinate_trimmed_mean():
+@pytest.mark.parametrize("selection", ["iterated", "one_shot"])
+def test_bulyan_selection_then_coordinate_trimmed_mean(selection):
     g, ups = make_global(), make_updates()
-    new, U, extra = aggregate(strategy("bulyan"), g, ups)
+    new, U, extra = aggregate(strategy("bulyan", f"defense.bulyan_selection={selection}"), g, ups)
     theta, beta = N - 2, N - 4
-    kept = krum(U[:, P], num_malicious=1, multi_k=theta, strict=False).kept
+    if selection == "one_shot":
+        kept = krum(U[:, P], num_malicious=1, multi_k=theta, strict=False).kept
+    else:
+        kept = np.isin(np.arange(N), iterated_bulyan(U[:, P], 1).arrays["selection_order"])
     selected = U[kept][:, P]
     med = np.median(selected, axis=0)
     idx = np.argsort(np.abs(selected - med), axis=0, kind="stable")[:beta]
@@ -174,7 +179,7 @@ def test_bulyan_one_shot_selection_then_coordinate_trimmed_mean():
     w = np.where(kept, EXAMPLES, 0) / np.sum(np.where(kept, EXAMPLES, 0))
     assert_update(new, g, with_statistics(U, expected, w), atol=1e-4)
     assert BAD in extra["defense_rejected"] and len(extra["defense_kept"]) == theta
-    assert extra["defense_skipped"] is False
+    assert extra["defense_skipped"] is False and extra["defense_selection"] == selection
 
 
 def test_median_matches_numpy_and_never_takes_the_outlier():

@@ -71,7 +71,8 @@ def test_failing_clients_are_counted_and_a_dead_round_aborts(tmp_path: Path, mon
         "        raise RuntimeError('always broken')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    run(tiny_config("clients.benign=broken_clients.FlakyClient", "federation.num_rounds=2"), tmp_path / "f", echo=False)
+    run(tiny_config("clients.benign=broken_clients.FlakyClient", "federation.num_rounds=2", "server.min_clients=1"),
+        tmp_path / "f", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
     for row in rows[1:]:
         odd = [p for p in row["sampled"] if p % 2 == 1]
@@ -80,6 +81,24 @@ def test_failing_clients_are_counted_and_a_dead_round_aborts(tmp_path: Path, mon
     with pytest.raises(SimulationError, match="all 4 sampled clients failed.*always broken"):
         run(tiny_config("clients.benign=broken_clients.DeadClient"), tmp_path / "d", echo=False)
     assert (tmp_path / "d" / "metrics.jsonl").read_text().count("\n") == 1  # round 0 was kept
+
+
+def test_a_hostile_client_through_flower_and_ray_is_a_counted_failure(tmp_path: Path):
+    """The wiring, end to end: an attacker whose replies hold NaN, inf or miss a tensor (one per round) is
+    a failed client with its reason in metrics.jsonl, the run finishes and the global model stays finite."""
+    import torch
+
+    cfg = tiny_config("attack.num_malicious=1", "attack.client=tests.hostile_clients.HostileClient",
+                      "federation.num_rounds=3")
+    summary = run(cfg, tmp_path / "h", echo=False)
+    rows = [json.loads(line) for line in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    reasons = ["has 1 non-finite value", "has 1 non-finite value", "is missing"]
+    for row, reason in zip(rows[1:], reasons):
+        assert row["failures"] == 1 and row["failed"] == row["malicious"]
+        assert len(row["errors"]) == 1 and reason in row["errors"][0] and str(row["malicious"][0]) in row["errors"][0]
+    final = torch.load(tmp_path / "h" / "final_model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert summary["total_failures"] == 3 and rows[-1]["clean_acc"] > rows[0]["clean_acc"] + 0.2
 
 
 def test_gpu_request_without_gpus_fails_fast(tmp_path: Path):

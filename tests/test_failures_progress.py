@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import torch
 from rich.console import Console
 
 from flip_fl.experiments.monitor import RunMonitor
@@ -20,6 +22,7 @@ from flip_fl.federation.failures import (
     summary_lines,
 )
 from flip_fl.federation.observe import ObservedGrid
+from flip_fl.federation.protocol import FitResult, check_fit_reply, fit_reply
 from flip_fl.federation.rounds import RoundRecord
 
 # The reason of a Flower error reply for a client that raised (as seen on 2026-11-30, Flower 1.42, Ray 2.55).
@@ -181,8 +184,15 @@ def test_flip_work_shows_in_the_client_line_and_the_round_line():
     assert "flip" not in format_round({**row, "client_invert_seconds": None}) and flip_work({"train_loss": 1}) == ""
 
 
+GLOBAL = {"w": np.zeros(3, dtype=np.float32)}  # the global model the replies are checked against
+
+
+def reply_content(value: float):
+    return fit_reply(FitResult(state={"w": torch.full((3,), value)}, num_examples=4))
+
+
 class FakeGrid:
-    """Replies arrive over several polls; partition 2 fails, partition 3 never answers."""
+    """Replies arrive over several polls; partition 1 sends NaN, partition 2 fails, partition 3 never answers."""
 
     def __init__(self) -> None:
         self.polls = 0
@@ -199,7 +209,7 @@ class FakeGrid:
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=node),
                                 has_error=lambda e=error: e is not None,
                                 error=SimpleNamespace(reason=error),
-                                content=SimpleNamespace(config_records={}))]
+                                content=reply_content(float("nan") if node == 101 else 1.0))]
 
 
 class Recorder:
@@ -220,15 +230,17 @@ class Recorder:
 
 
 def test_observed_grid_reports_each_reply_as_it_arrives_and_the_silent_clients():
-    source = SimpleNamespace(partition_of={100: 0, 101: 1, 102: 2, 103: 3},
+    source = SimpleNamespace(partition_of={100: 0, 101: 1, 102: 2, 103: 3}, global_state=GLOBAL,
                              rounds={1: RoundRecord(sampled=[0, 1, 2, 3], malicious=[], attacking=[], started=0.0)})
     observer = Recorder()
     grid = ObservedGrid(FakeGrid(), source, observer, round_timeout=0.5)  # type: ignore[arg-type]
     assert grid.send_and_receive([], timeout=1) == []  # Flower's empty evaluation round: no event
     replies = grid.send_and_receive([SimpleNamespace(dst=d) for d in range(4)], timeout=0.6)  # type: ignore[misc]
     assert len(list(replies)) == 3
-    assert observer.events == [("started", 1, [0, 1, 2, 3]), ("replied", 0, None), ("replied", 1, None),
-                               ("replied", 2, "boom"), ("done", {2: "boom", 3: no_reply_reason(0.5)})]
+    nan = check_fit_reply(reply_content(float("nan")), GLOBAL)  # what the strategy will reject it for
+    assert nan is not None and check_fit_reply(reply_content(1.0), GLOBAL) is None
+    assert observer.events == [("started", 1, [0, 1, 2, 3]), ("replied", 0, None), ("replied", 1, nan),
+                               ("replied", 2, "boom"), ("done", {1: nan, 2: "boom", 3: no_reply_reason(0.5)})]
 
 
 def test_a_start_up_killed_by_ray_for_memory_is_one_line_with_the_fix(monkeypatch):

@@ -60,7 +60,8 @@ def test_cli_reports_a_missing_earlier_stage(tmp_path: Path):
                              "configs/flip_labels_synthetic.yaml", "--stage", "flips", "--output-dir", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: label logits missing") and "--stage labels" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --stage flips: ") and "run --stage labels first" in lines[0]
 
 
 def test_label_file_is_sliced_to_the_partition(tmp_path: Path):

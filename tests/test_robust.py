@@ -177,6 +177,31 @@ def test_bulyan_matches_bruteforce(n, f):
     assert out.info["theta"] == n - 2 * f and out.info["beta"] == n - 4 * f
 
 
+@pytest.mark.parametrize("n,f", [(7, 1), (11, 2), (8, 1), (5, 0), (15, 3)])
+def test_production_bulyan_selects_as_the_paper(n, f):
+    """The default selection is the paper's iterated Krum: same picks, same order, same aggregate."""
+    rng = np.random.default_rng(n * 100 + f)
+    U = rng.standard_normal((n, 9)) * rng.uniform(0.5, 3.0, (n, 1))
+    out = bulyan(U, f)
+    ref, selected = ref_bulyan(U, f)
+    assert out.info["selection"] == "iterated" and out.arrays["selection_order"].tolist() == selected
+    np.testing.assert_allclose(out.delta, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="selection"):
+        bulyan(U, f, "twice")  # type: ignore[arg-type]
+
+
+def test_pairwise_distances_are_exact_where_the_gram_form_cancels():
+    """Rows that share a large component and differ by ~1e-6: the Gram form loses every digit, differences do not."""
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal(50_000) * 100.0
+    U = shared + 1e-6 * rng.standard_normal((5, 50_000))
+    exact = np.array([[np.sum((U[i] - U[j]) ** 2) for j in range(5)] for i in range(5)])
+    dists = common.pairwise_sq_dists(U)
+    np.testing.assert_allclose(dists, exact, rtol=1e-9)
+    gram = (U * U).sum(1)[:, None] + (U * U).sum(1)[None, :] - 2 * U @ U.T
+    assert np.abs(gram - exact).max() > 100 * np.abs(dists - exact).max()
+
+
 def test_bulyan_rejects_planted_outliers():
     rng = np.random.default_rng(5)
     honest = 1.0 + 0.05 * rng.standard_normal((9, 8))
@@ -652,10 +677,10 @@ def _one_shot_bulyan(U, f):
 
 
 def test_flower_new_style_bulyan_uses_one_shot_selection(monkeypatch):
-    """Documents a difference: flwr.serverapp.strategy.Bulyan (and flip_fl.defenses.bulyan, the production
-    rule) selects theta clients with a single Multi-Krum pass (scores of the full set), whereas the paper,
-    Flower's legacy aggregate_bulyan and the reference iterated_bulyan re-run Krum on the remaining set
-    after each pick."""
+    """Documents a difference: flwr.serverapp.strategy.Bulyan (and flip_fl.defenses.bulyan with
+    selection="one_shot") selects theta clients with a single Multi-Krum pass (scores of the full set),
+    whereas the paper, Flower's legacy aggregate_bulyan, the reference iterated_bulyan and the production
+    default (selection="iterated") re-run Krum on the remaining set after each pick."""
     import gc
 
     from flwr.serverapp.strategy import Bulyan
@@ -672,8 +697,9 @@ def test_flower_new_style_bulyan_uses_one_shot_selection(monkeypatch):
         X = rng.standard_normal((11, 6)) * rng.uniform(0.5, 3.0, (11, 1))
         flower = _new_style(Bulyan(num_malicious_nodes=2), X)
         np.testing.assert_allclose(flower, _one_shot_bulyan(X, 2))
-        np.testing.assert_allclose(bulyan(X, 2).delta, flower, rtol=1e-6)
-        selected = bulyan(X, 2).kept
+        np.testing.assert_allclose(bulyan(X, 2, "one_shot").delta, flower, rtol=1e-6)
+        selected = bulyan(X, 2, "one_shot").kept
         assert selected.sum() == 7 and set(np.flatnonzero(selected)) == set(np.argsort(ref_krum_scores(X, 2))[:7])
+        np.testing.assert_allclose(bulyan(X, 2).delta, iterated_bulyan(X, 2).delta, rtol=1e-12)
         differs += not np.allclose(flower, iterated_bulyan(X, 2).delta)
     assert differs > 0

@@ -631,6 +631,6 @@ def build_trigger(attack: AttackConfig, image_shape: tuple[int, int, int]) -> Tr
     """
     try:
         return create_trigger(attack.trigger, image_shape, **attack.trigger_args)
-    except ValueError as err:
+    except (ValueError, TypeError, OverflowError, RuntimeError) as err:  # wrong types and sizes are bad args too
         key = "attack.trigger" if "unknown trigger" in str(err) else "attack.trigger_args"
         raise ConfigError(f"{key}: {err}") from None

@@ -1,4 +1,9 @@
-"""Reading config files: YAML with safe_load, `--set key.path=value` overrides, validation into a Config."""
+"""Reading config files: YAML with a strict safe loader, `--set key.path=value` overrides, validation into a Config.
+
+The loader is `yaml.SafeLoader` (no Python objects) that also refuses a key given twice in one mapping
+(plain YAML keeps the last one silently). Every problem with a file -- missing, unreadable, binary,
+huge, not YAML -- is a ConfigError naming it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,50 @@ from typing import Any
 
 import yaml
 
-from flip_fl.config.schema import ConfigError, dump_section, load_section
+from flip_fl.config.schema import ConfigError, dump_section, iter_values, load_section
 from flip_fl.config.sections import Config
 from flip_fl.config.validation import validate
+
+MAX_CONFIG_BYTES = 10_000_000
+"""A config or sweep file larger than this is refused (they are a few kB)."""
+MAX_CONFIG_VALUES = 1_000_000
+"""Most values a config document may hold once YAML aliases are expanded."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses duplicate keys in a mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping whose keys are unique (merge keys `<<` may still be overridden)."""
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: the base constructor reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text parsed with `StrictLoader`; errors are ConfigErrors that name `where` (and the line)."""
+    try:
+        value = yaml.load(text, Loader=StrictLoader)  # a SafeLoader: no Python objects
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"{where}: not valid YAML{line}: {problem}") from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{where}: YAML nested too deeply or too large") from None
+    for _ in iter_values(value, where, MAX_CONFIG_VALUES):
+        pass
+    return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -19,11 +65,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path, text = item.split("=", 1)
     if not path or any(not part for part in path.split(".")):
         raise ConfigError(f"--set {item!r}: the key path is empty or malformed")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {path}: value {text!r} is not valid YAML ({getattr(err, 'problem', err)})") from None
-    return path.split("."), value
+    return path.split("."), parse_yaml(text, f"--set {path}: value {text[:40]!r}")
 
 
 def set_key_path(raw: dict[str, Any], path: str, value: Any, where: str) -> None:
@@ -52,16 +94,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with safe_load, with errors that name the file."""
+    """Read a YAML mapping with `StrictLoader`, with errors that name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        if not path.is_file():
+            raise ConfigError(f"{path}: not a regular file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    raw = parse_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -89,4 +136,4 @@ def to_yaml(cfg: Config) -> str:
 
 def from_yaml(text: str) -> Config:
     """Inverse of `to_yaml` (used by clients that receive the config in a message)."""
-    return config_from_dict(yaml.safe_load(text))
+    return config_from_dict(parse_yaml(text, "the run's config"))

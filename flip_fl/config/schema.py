@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 
@@ -58,54 +59,100 @@ def _check_value(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {_choices_name(get_args(tp))}")
+        raise ConfigError(f"{path}: {_short(value)} is not allowed; choose one of {_choices_name(get_args(tp))}")
     if origin in (Union, types.UnionType):
+        specific = None
         for option in get_args(tp):
             try:
                 return _check_value(value, option, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            except ConfigError as err:  # a type that fits but a value that does not (e.g. NaN) says more
+                specific = specific or (err if not str(err).startswith(f"{path}: expected") else None)
+        raise specific or ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
+            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {_short(value)}")
         (item_tp,) = get_args(tp)
         return [_check_value(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_short(value)}")
         key_tp, value_tp = get_args(tp)
         return {_check_value(k, key_tp, f"{path}.{k}"): _check_value(v, value_tp, f"{path}.{k}")
                 for k, v in value.items()}
     if tp is Any:
+        _check_free_value(value, path)
         return value
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
+        raise ConfigError(f"{path}: expected null, got {_short(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {_short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(f"{path}: {_short(value)} does not fit a 64-bit integer")
             return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_finite(value, path)
             return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        raise ConfigError(f"{path}: expected a number, got {_short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise ConfigError(f"{path}: expected a string, got {_short(value)}")
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+def _check_finite(value: int | float, path: str) -> None:
+    """NaN, inf and integers beyond float range pass every range check but break a run: refuse them."""
+    if isinstance(value, int) and abs(value) > 1e300 or isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {_short(value)} is not a finite number")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+FREE_VALUE_LIMIT = 10_000
+"""Most values a free-form key (e.g. attack.trigger_args) may hold, YAML aliases expanded."""
+
+
+def iter_values(value: Any, path: str, limit: int) -> Iterator[tuple[Any, str]]:
+    """Every value nested in `value` with its key path; more than `limit` of them is a ConfigError.
+
+    YAML aliases let a small file describe a huge structure (a "billion laughs"): the walk stops at the
+    limit instead of expanding it.
+    """
+    stack, seen = [(value, path)], 0
+    while stack:
+        item, where = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ConfigError(f"{path}: more than {limit} values once YAML aliases are expanded")
+        yield item, where
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+
+
+def _check_free_value(value: Any, path: str) -> None:
+    """A free-form value: a few settings, numbers finite."""
+    for item, where in iter_values(value, path, FREE_VALUE_LIMIT):
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            _check_finite(item, where)
 
 
 def _check_choices(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {_choices_name(choices)}")
+        raise ConfigError(f"{path}: {_short(value)} is not allowed; choose one of {_choices_name(choices)}")
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
@@ -116,7 +163,7 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
     for name, ok, symbol in bounds:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{path}: {value!r} is out of range; it must be {symbol} {bound}")
+            raise ConfigError(f"{path}: {_short(value)} is out of range; it must be {symbol} {bound}")
 
 
 def load_section(cls: type, raw: Any, path: str) -> Any:
@@ -125,7 +172,7 @@ def load_section(cls: type, raw: Any, path: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_short(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in raw:

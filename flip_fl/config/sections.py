@@ -60,7 +60,8 @@ class FederationConfig:
 
     num_clients: int = key(20, "Number of clients (Flower supernodes), one data partition each.", ge=1)
     clients_per_round: int = key(10, "Clients sampled per round.", ge=1)
-    num_rounds: int = key(5, "Federated rounds to run.", ge=1)
+    num_rounds: int = key(5, "Federated rounds to run (at most 1,000,000: the attack schedule is checked round by "
+                          "round before the run starts).", ge=1, le=1_000_000)
 
 
 @dataclass
@@ -96,6 +97,11 @@ class ServerConfig:
         "Test images held out (seeded draw) as a validation split for choosing tau: threshold_sweep.csv is then "
         "computed on them as well, and every per-round metric on the remaining test images (0: no split).",
         ge=0,
+    )
+    min_clients: int | float = key(
+        0.5,
+        "Valid replies a round needs: a count (integer) or a fraction of the sampled clients (number in (0, 1]). A "
+        "round with fewer (failed or rejected replies) fails the run instead of aggregating what is left.",
     )
 
 
@@ -181,10 +187,15 @@ class DefenseConfig:
     num_malicious: int | None = key(
         None,
         "f assumed by krum, multikrum and bulyan (and rlr's default threshold); null: the most attackers due in one "
-        "round.",
+        "round. krum and multikrum need federation.clients_per_round > 2f + 2, bulyan >= 4f + 3.",
         ge=0,
     )
     multikrum_select: int | None = key(None, "m, the updates multikrum averages; null: replies - f.", ge=1)
+    bulyan_selection: Literal["iterated", "one_shot"] = key(
+        "iterated",
+        "bulyan: how theta = n - 2f updates are selected: iterated (the paper: Krum re-run on the remaining set "
+        "after each pick) or one_shot (Flower's Bulyan: the theta best Krum scores of the full set).",
+    )
     trim_beta: float = key(
         0.2,
         "trimmed_mean: fraction cut from each end per coordinate (Flower's default).",
@@ -512,6 +523,12 @@ class ResourcesConfig:
     ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); "
                                         "--ray-address overrides.")
     round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
+    memory_gb: float | None = key(
+        None,
+        "Memory a process may use for the dataset (GB); a synthetic dataset estimated to need more is a config "
+        "error. null: this machine's physical memory; raise it on purpose (e.g. with swap).",
+        gt=0.0,
+    )
 
 
 @dataclass
@@ -529,7 +546,8 @@ class ResultsConfig:
 class Config:
     """A whole run's configuration: one section per concern."""
 
-    seed: int = key(0, "Seed of data generation, partitioning, sampling, model init and local training.", ge=0)
+    seed: int = key(0, "Seed of data generation, partitioning, sampling, model init and local training.", ge=0,
+                    le=2**63 - 1)
     data: DataConfig = section(DataConfig, "Dataset and partitioning.")
     model: ModelConfig = section(ModelConfig, "Model architecture.")
     federation: FederationConfig = section(FederationConfig, "Clients and rounds.")

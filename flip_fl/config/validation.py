@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 from flip_fl.config.derived import assumed_malicious, attack_schedule, num_attackers
 from flip_fl.config.schema import ConfigError
 from flip_fl.config.sections import Config
 
 NUM_CLASSES = {"synthetic": 10, "digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+SYNTHETIC_BYTES_PER_PIXEL = 24
+"""Peak memory of drawing the synthetic dataset per pixel (float32 temporaries; 17-23 measured)."""
+
+
+def physical_memory_gb() -> float:
+    """This machine's physical memory in GB (infinite where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return math.inf
 
 
 def validate(cfg: Config) -> None:
     """Cross-key rules: impossible combinations are errors, never silent defaults."""
     num_classes = _validate_data_and_model(cfg)
+    _validate_server(cfg)
     _validate_attack(cfg, num_classes)
     _validate_attack_schedule(cfg)
     _validate_defense(cfg)
     flip = cfg.flip
     if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
         raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
+    if flip.fast.min_steps > flip.fast.max_steps:
+        raise ConfigError(f"flip.fast.min_steps: {flip.fast.min_steps} exceeds flip.fast.max_steps "
+                          f"({flip.fast.max_steps})")
     validate_labels(cfg, num_classes)
 
 
@@ -36,9 +53,33 @@ def _validate_data_and_model(cfg: Config) -> int:
     if cfg.data.name == "synthetic" and cfg.data.synthetic.train_size < fed.num_clients:
         raise ConfigError(f"data.synthetic.train_size: {cfg.data.synthetic.train_size} images cannot "
                           f"be split over {fed.num_clients} clients")
+    if cfg.data.name == "synthetic":
+        synthetic_memory_check(cfg, cfg.resources.memory_gb or physical_memory_gb())
     if cfg.model.width != 1.0 and cfg.model.name != "resnet18":
         raise ConfigError(f"model.width: only resnet18 has a width option, not {cfg.model.name}")
     return NUM_CLASSES[cfg.data.name]
+
+
+def _validate_server(cfg: Config) -> None:
+    """server.min_clients is a count up to the sampled clients or a fraction in (0, 1]."""
+    m, n = cfg.server.min_clients, cfg.federation.clients_per_round
+    if isinstance(m, float) and not 0.0 < m <= 1.0:
+        raise ConfigError(f"server.min_clients: {m} must be a count (integer) or a fraction in (0, 1]")
+    if isinstance(m, int) and not 1 <= m <= n:
+        raise ConfigError(f"server.min_clients: {m} must be between 1 and federation.clients_per_round ({n})")
+
+
+def synthetic_memory_check(cfg: Config, available_gb: float) -> None:
+    """A synthetic dataset must fit in memory while it is drawn (about 24 bytes per pixel at the peak)."""
+    syn = cfg.data.synthetic
+    pixels = syn.channels * syn.image_size**2
+    need_gb = SYNTHETIC_BYTES_PER_PIXEL * (syn.train_size + syn.test_size) * pixels / 1e9
+    if need_gb > available_gb:
+        name = "train_size" if syn.train_size >= syn.test_size else "test_size"
+        raise ConfigError(f"data.synthetic.{name}: {getattr(syn, name)} images of {syn.channels}x{syn.image_size}x"
+                          f"{syn.image_size} need about {need_gb:.3g} GB to draw, more than {available_gb:.3g} GB "
+                          "(resources.memory_gb; null: this machine's memory); use fewer images or raise "
+                          "resources.memory_gb on purpose")
 
 
 def _validate_attack(cfg: Config, num_classes: int) -> None:
@@ -63,6 +104,9 @@ def _validate_attack(cfg: Config, num_classes: int) -> None:
         if attack.num_malicious not in (0, len(ids)):
             raise ConfigError(f"attack.num_malicious: {attack.num_malicious} disagrees with the "
                               f"{len(ids)} attack.malicious_ids; set one of them")
+    if num_attackers(cfg) > 0 and attack.rounds is None and attack.start_round > fed.num_rounds:
+        raise ConfigError(f"attack.start_round: {attack.start_round} is after the last round "
+                          f"(federation.num_rounds = {fed.num_rounds}); the attack would never happen")
     if attack.end_round is not None and attack.end_round < attack.start_round:
         raise ConfigError(f"attack.end_round: {attack.end_round} is before attack.start_round ({attack.start_round})")
     if attack.rounds is not None:
@@ -109,6 +153,9 @@ def _validate_defense(cfg: Config) -> None:
     n = cfg.federation.clients_per_round
     if defense.name in ("krum", "multikrum", "bulyan") and f >= n:
         raise ConfigError(f"defense.num_malicious: f = {f} must be below federation.clients_per_round ({n})")
+    if defense.name in ("krum", "multikrum") and n <= 2 * f + 2:
+        raise ConfigError(f"defense.num_malicious: {defense.name} needs federation.clients_per_round > 2f + 2 = "
+                          f"{2 * f + 2} for f = {f}; set a lower defense.num_malicious or sample more clients")
     if defense.name == "bulyan" and n < 4 * f + 3:
         raise ConfigError(f"defense.num_malicious: bulyan needs federation.clients_per_round >= 4f + 3 = {4 * f + 3} "
                           f"for f = {f}; lower f or sample more clients")

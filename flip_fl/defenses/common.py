@@ -95,13 +95,21 @@ def row_norms(U: np.ndarray) -> np.ndarray:
 
 
 def pairwise_sq_dists(U: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances between rows (Gram form, clamped at 0, exact 0 diagonal)."""
-    sq = np.einsum("ij,ij->i", U, U)
-    gram = U @ U.T
-    dist = sq[:, None] + sq[None, :] - 2.0 * gram
-    np.maximum(dist, 0.0, out=dist)
-    np.fill_diagonal(dist, 0.0)
-    return dist
+    """Squared Euclidean distances between rows, each summed from the pair's own differences.
+
+    Not the Gram form |a|^2 + |b|^2 - 2<a, b>: that subtracts nearly equal numbers when the rows are
+    close next to their size (Flower's Krum on float32 models with small updates picks the wrong
+    clients). Differences are exact to float64 rounding whatever the rows share; the cost is
+    n(n-1)/2 * d operations over column chunks of bounded memory.
+    """
+    n, d = U.shape
+    upper = np.zeros((n, n))
+    for cols in column_chunks(n, d):
+        block = U[:, cols]
+        for i in range(n - 1):
+            diff = block[i + 1:] - block[i]
+            upper[i, i + 1:] += np.einsum("ij,ij->i", diff, diff)
+    return upper + upper.T
 
 
 def cosine_similarity(X: np.ndarray) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017): select the updates closest to their neighbours."""
+"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017): select the updates closest to their neighbours.
+
+Distances are float64 sums of each pair's differences (`common.pairwise_sq_dists`) on the updates, so
+the selection is exact however small the updates are next to the model.
+"""
 
 from __future__ import annotations
 

@@ -7,17 +7,21 @@ Run a simulation, a sweep, the FLIP label-attack pipeline, or print the config r
     python sim.py sweep --config SWEEP.yaml [--set key.path=value ...] [--output-dir DIR] [--jobs N] [--report-only]
     python sim.py labels --config FILE [--stage experts|labels|flips|user|all ...] [--set ...] [--output-dir DIR]
 
-Exit codes: 0 success, 2 bad input (one line naming the key, file or value), 1 runtime failure.
+Exit codes: 0 success, 2 bad input (one line naming the key, file or value), 1 runtime failure, 130
+interrupted. Bad input is found before Ray starts: the config and every file it names, the client
+classes, the data partition and the output directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from flip_fl.attacks.flip_labels.pipeline import STAGES, run_stages
+from flip_fl.attacks.flip_labels.pipeline import STAGES, check_stage_inputs, run_stages
 from flip_fl.config import ConfigError, config_reference_markdown, load_config, to_yaml
 from flip_fl.data import load_datasets
 from flip_fl.experiments.grid import load_sweep
@@ -44,6 +48,43 @@ def _parser(prog: str, description: str, *, config: str, output_dir: str,
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """An error message on one line (stderr carries exactly one line per error)."""
+    return " ".join(str(err).split())
+
+
+def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
+    """The output directory must be a writable directory or one that can be created (nothing is created here)."""
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{flag}: {path} is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag}: {path} is not writable")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag}: {path} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: {path} cannot be created: {ancestor} is not writable")
+
+
+def guarded(body: Callable[[], int], interrupted: str) -> int:
+    """Run a subcommand: bad input is exit 2, a failed simulation 1, Ctrl-C 130, each with one stderr line."""
+    try:
+        return body()
+    except ConfigError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except SimulationError as err:
+        print(f"error: simulation failed: {one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+
+
 def run_command(argv: list[str]) -> int:
     """`sim.py --config ...`: run one simulation."""
     parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.",
@@ -54,29 +95,25 @@ def run_command(argv: list[str]) -> int:
                         help="plain lines (one per phase and per round) instead of the live display in a terminal")
     args = parser.parse_args(argv)
     quiet_environment()
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.set)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{stamp}")
+        check_output_dir(out_dir)
         # imported here, after quiet_environment() (flwr reads its telemetry switch on import) and after the
         # config is read (bad input fails without importing Flower)
         from flip_fl.experiments.run import run
 
-        summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address, quiet=args.quiet)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SimulationError as err:
-        print(f"error: simulation failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: metrics of the finished rounds are in the output directory", file=sys.stderr)
-        return 130
-    final = summary["final"]
-    print(f"done: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s | clean_acc {final['clean_acc']:.4f} "
-          f"| asr {final['asr']:.4f} | max asr {summary['max_asr']:.4f} | failures {summary['total_failures']} "
-          f"| results in {summary['output_dir']}")
-    return 0
+        summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address,
+                      quiet=args.quiet)
+        final = summary["final"]
+        print(f"done: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s | clean_acc "
+              f"{final['clean_acc']:.4f} | asr {final['asr']:.4f} | max asr {summary['max_asr']:.4f} | failures "
+              f"{summary['total_failures']} | results in {summary['output_dir']}")
+        return 0
+
+    return guarded(body, "metrics of the finished rounds are in the output directory")
 
 
 def sweep_command(argv: list[str]) -> int:
@@ -92,25 +129,23 @@ def sweep_command(argv: list[str]) -> int:
                         help="only rebuild results.csv/.md and plots from finished runs")
     args = parser.parse_args(argv)
     out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
-    try:
+
+    def body() -> int:
         sweep = load_sweep(args.config, args.set)
+        check_output_dir(out_dir)
         if args.report_only:
             results = write_report(sweep, out_dir)
         else:
             results = run_sweep(sweep, out_dir, args.ray_address, args.jobs, echo=lambda line: print(line, flush=True))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished runs are kept; rerun the same command to continue ({out_dir})", file=sys.stderr)
-        return 130
-    bad = [r for r in results if r["status"] != "ok"]
-    print(f"sweep: {len(results) - len(bad)} of {len(results)} runs finished | table {out_dir / 'results.md'} "
-          f"| csv {out_dir / 'results.csv'}")
-    if bad and not args.report_only:
-        print(f"error: {len(bad)} runs without results (see the table and each run's log.txt)", file=sys.stderr)
-        return 1
-    return 0
+        bad = [r for r in results if r["status"] != "ok"]
+        print(f"sweep: {len(results) - len(bad)} of {len(results)} runs finished | table {out_dir / 'results.md'} "
+              f"| csv {out_dir / 'results.csv'}")
+        if bad and not args.report_only:
+            print(f"error: {len(bad)} runs without results (see the table and each run's log.txt)", file=sys.stderr)
+            return 1
+        return 0
+
+    return guarded(body, f"finished runs are kept; rerun the same command to continue ({out_dir})")
 
 
 def labels_command(argv: list[str]) -> int:
@@ -123,25 +158,26 @@ def labels_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     stages = list(STAGES) if not args.stage or "all" in args.stage else args.stage
     out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.set)
+        check_output_dir(out_dir)
+        check_stage_inputs(cfg, out_dir, stages)
         train, test = load_datasets(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
         timings = run_stages(cfg, train, test, out_dir, stages, log=lambda line: print(line, flush=True))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished stage outputs are kept in {out_dir}", file=sys.stderr)
-        return 130
-    print(f"labels: stages {', '.join(timings)} done | results in {out_dir}")
-    return 0
+        print(f"labels: stages {', '.join(timings)} done | results in {out_dir}")
+        return 0
+
+    return guarded(body, f"finished stage outputs are kept in {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if os.getcwd() not in sys.path and "" not in sys.path:  # client classes are importable from the working directory
+        sys.path.append(os.getcwd())
     if argv[:1] == ["config-docs"]:
         sys.stdout.write(config_reference_markdown())
         return 0

@@ -104,7 +104,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     raw: dict[str, Any] = {}
     if spec.get("base") is not None:
         base = Path(str(spec["base"]))
-        raw = read_yaml(base if base.is_absolute() else path.parent / base)
+        try:
+            raw = read_yaml(base if base.is_absolute() else path.parent / base)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: base: {err}") from None
     extra = spec.get("config") or {}
     if not isinstance(extra, dict):
         raise ConfigError(f"{path}: config: expected a mapping of config keys")

@@ -71,7 +71,7 @@ def plot_run(run_dir: Path) -> Path:
 
     Clean accuracy, ASR and ASR without the trigger (a model that predicts the target for everything has
     ASR 1 without any backdoor: the two curves together tell them apart) per round; with tau > 0 their
-    thresholded variants and the rejection rates; the defense's detection recall / attacker weight when
+    thresholded variants and the rejection rates; the defense's detection recall / attackers' weight and share when
     it reports them. Attack rounds are shaded and named in the legend; the title names the setting.
     """
     run_dir = Path(run_dir)
@@ -103,6 +103,7 @@ def run_figure(rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> Any
         det.plot(*_series(rows, "detection_recall"), "o-", color="tab:green", label="attackers rejected (recall)")
         det.plot(*_series(rows, "detection_precision"), "s--", color="tab:olive", label="rejection precision")
         det.plot(*_series(rows, "defense_attacker_weight"), "^:", color="tab:purple", label="attackers' weight")
+        det.plot(*_series(rows, "defense_attacker_share"), "v:", color="tab:red", label="attackers' share")
         det.set_ylabel("defense")
     axes[0].set_ylabel("rate")
     axes[0].set_title(textwrap.fill(describe_run(cfg), 95), fontsize=8)

@@ -73,8 +73,9 @@ def run_result(point: Point, run_dir: Path) -> dict[str, Any]:
     if any(f"detection_{k}" in r for r in rows for k in counts):
         out.update({f"detection_{k}": v for k, v in counts.items()})
         out["detection_precision"], out["detection_recall"] = precision_recall(counts["tp"], counts["fp"], counts["fn"])
-    weights = [r["defense_attacker_weight"] for r in rows if r.get("defense_attacker_weight") is not None]
-    out["attacker_weight"] = float(np.mean(weights)) if weights else None
+    for key in ("attacker_weight", "attacker_share"):
+        values = [r[f"defense_{key}"] for r in rows if r.get(f"defense_{key}") is not None]
+        out[key] = float(np.mean(values)) if values else None
     agg = [r["aggregation_seconds"] for r in rows if r.get("aggregation_seconds") is not None]
     out["aggregation_ms"] = 1000 * float(np.median(agg)) if agg else None
     out["round_seconds"] = float(np.median([r["seconds"] for r in rows]))
@@ -174,19 +175,22 @@ def markdown(sweep: Sweep, results: list[dict[str, Any]], plots: list[str]) -> s
     if detected:
         out += ["", "## Detection", "",
                 "Rejection of attacking clients, counts summed over rounds and seeds (precision = rejected "
-                "attackers / rejected, recall = rejected attackers / attackers); attackers' weight = mean share "
-                "of the aggregate given to attacking clients in attack rounds.", ""]
+                "attackers / rejected, recall = rejected attackers / attackers; rounds a rule skipped are not "
+                "counted); attackers' weight = mean weight the rule gave attacking clients in attack rounds, "
+                "before clipping or rescaling; attackers' share = their mean share of the aggregate update "
+                "itself, after clipping and rescaling (rules that combine whole updates).", ""]
         lines = []
         for row, col in detected:
             group = [r for r in groups[(row, col)] if r["status"] == "ok"]
             tp, fp, fn = (sum(r.get(f"detection_{k}") or 0 for r in group) for k in ("tp", "fp", "fn"))
             has_counts = any(r.get("detection_tp") is not None for r in group)
-            weights = [r["attacker_weight"] for r in group if r.get("attacker_weight") is not None]
+            means = {k: [r[k] for r in group if r.get(k) is not None] for k in ("attacker_weight", "attacker_share")}
             fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
             precision, recall = precision_recall(tp, fp, fn)
             lines.append([row, col, fmt(precision) if has_counts else "—", fmt(recall) if has_counts else "—",
-                          fmt(float(np.mean(weights))) if weights else "—"])
-        out += markdown_table(["Defense", "column", "precision", "recall", "attackers' weight"], lines)
+                          *(fmt(float(np.mean(v))) if v else "—" for v in means.values())])
+        out += markdown_table(["Defense", "column", "precision", "recall", "attackers' weight", "attackers' share"],
+                              lines)
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         out += ["", "## Runs without results", ""]

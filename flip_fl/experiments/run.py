@@ -6,7 +6,9 @@ anything starts) and SimulationError at runtime.
 
 from __future__ import annotations
 
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
-from flip_fl.data import load_datasets
+from flip_fl.data import ImageDataset, load_datasets, partition
 from flip_fl.defenses.fltrust import evaluation_set
 from flip_fl.device import torch_device
 from flip_fl.evaluation.evaluator import GlobalEvaluator, validation_split
@@ -24,11 +26,11 @@ from flip_fl.experiments.plots import plot_run
 from flip_fl.experiments.progress import Progress, make_progress
 from flip_fl.experiments.results import RunRecorder
 from flip_fl.experiments.round_files import RoundSink, RoundTables, TensorBoardLog, check_tensorboard
-from flip_fl.federation.client import load_client_class
+from flip_fl.federation.client import check_client_config, load_client_class, one_line
 from flip_fl.federation.client_app import app as client_app
 from flip_fl.federation.protocol import scalar_record, shared_config
 from flip_fl.federation.rounds import round_fields
-from flip_fl.federation.runtime import SimulationError, Watchdog, init_ray, launch
+from flip_fl.federation.runtime import SimulationError, Watchdog, check_local_resources, init_ray, launch
 from flip_fl.federation.server_app import RunOutcome, ServerJob, server_app
 from flip_fl.models import build_model
 from strategies import build_strategy
@@ -42,23 +44,57 @@ def check_client_classes(cfg: Config) -> None:
     if num_attackers(cfg) > 0:
         roles.append(("attack.client", cfg.attack.client))
     for key_path, dotted in roles:
-        cls = load_client_class(dotted, key_path)
-        check = getattr(cls, "check_config", None)
-        if check is not None:
-            check(cfg)
+        check_client_config(load_client_class(dotted, key_path), cfg, key_path)
+
+
+def read_state_file(path: Path, key_path: str) -> dict[str, torch.Tensor]:
+    """A state_dict (names -> tensors) from `path`, loaded tensors-only; every problem is a ConfigError.
+
+    `torch.load(weights_only=True)` refuses pickled Python objects (code could run); its advice to load
+    with weights_only=False is not repeated.
+    """
+    if not path.exists():
+        raise ConfigError(f"{key_path}: file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{key_path}: {path} is not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        raise ConfigError(f"{key_path}: {path} is not a tensors-only PyTorch file; refused, nothing in it was run "
+                          f"({one_line(detail, 120)})") from None
+    except Exception as err:  # torch.load raises whatever its readers raise on a foreign file
+        raise ConfigError(f"{key_path}: {path} is not a PyTorch file ({type(err).__name__}: "
+                          f"{one_line(err, 120)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ConfigError(f"{key_path}: {path} holds a {type(state).__name__}, not a state_dict of named tensors "
+                          "(save one with torch.save(model.state_dict(), path))")
+    return state
 
 
 def load_initial_state(cfg: Config, model: torch.nn.Module) -> None:
-    """Load `server.initial_model` into `model` (weights only), with config errors for bad files."""
+    """Load `server.initial_model` into `model`: tensors only, matching the model, finite."""
     path = Path(cfg.server.initial_model or "")
-    if not path.is_file():
-        raise ConfigError(f"server.initial_model: file not found: {path}")
+    state = read_state_file(path, "server.initial_model")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"server.initial_model: {path} does not fit model.name={cfg.model.name} ({first})") from None
+        raise ConfigError(f"server.initial_model: {path} does not fit model.name={cfg.model.name} "
+                          f"({one_line(err)})") from None
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ConfigError(f"server.initial_model: {path} has non-finite values (NaN or inf) in {name!r}")
+
+
+def check_partitions(cfg: Config, train: ImageDataset) -> None:
+    """Every client must get data: the partition is drawn now, before Ray, not in every client."""
+    sizes = [len(p) for p in partition(cfg, train)]
+    if min(sizes) < 1:
+        raise ConfigError(f"federation.num_clients: {sizes.count(0)} of {len(sizes)} clients get no data from the "
+                          f"{len(train)} training images; use fewer clients")
 
 
 @dataclass
@@ -95,6 +131,7 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
     Raises ConfigError for bad input (before anything starts) and SimulationError at runtime.
     """
     check_client_classes(cfg)
+    check_local_resources(cfg.resources, ray_address)
     if cfg.results.tensorboard:
         check_tensorboard()
     progress = make_progress(cfg.federation.num_rounds, quiet) if echo else Progress()
@@ -107,6 +144,7 @@ def run(cfg: Config, out_dir: Path, ray_address: str | None = None, echo: bool =
 def _run(cfg: Config, out_dir: Path, ray_address: str | None, progress: Progress) -> dict[str, Any]:
     progress.phase(f"loading data: {cfg.data.name}")
     train, test = load_datasets(cfg)
+    check_partitions(cfg, train)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, train)
     if cfg.server.initial_model:

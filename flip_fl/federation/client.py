@@ -20,7 +20,8 @@ from flip_fl.federation.protocol import ClientState, FitResult, RoundInfo, State
 from flip_fl.models import build_model
 from flip_fl.seeds import ClientStream, torch_generator
 
-__all__ = ["BaseClient", "ClientState", "FitResult", "RoundInfo", "StateDict", "load_client_class"]
+__all__ = ["BaseClient", "ClientState", "FitResult", "RoundInfo", "StateDict", "check_client_config",
+           "load_client_class"]
 
 
 class BaseClient(ABC):
@@ -51,15 +52,22 @@ class BaseClient(ABC):
 
 
 def load_client_class(dotted: str, key_path: str) -> type[BaseClient]:
-    """Import `package.module.Class` (or `package.Class`) and check it subclasses BaseClient."""
+    """Import `package.module.Class` (or `package.Class`) and check it subclasses BaseClient.
+
+    Whatever importing the module raises (ImportError, SyntaxError, an exception in its top-level code,
+    even SystemExit) is a ConfigError naming the key, the module and the exception.
+    """
     module_name, _, class_name = dotted.rpartition(".")
     if not module_name:
         raise ConfigError(f"{key_path}: {dotted!r} is not a dotted path like 'clients.BenignClient'")
     try:
         module = importlib.import_module(module_name)
+        cls = getattr(module, class_name, None)
     except ImportError as err:
-        raise ConfigError(f"{key_path}: cannot import module {module_name!r} ({err})") from None
-    cls = getattr(module, class_name, None)
+        raise ConfigError(f"{key_path}: cannot import module {module_name!r} ({one_line(err)})") from None
+    except (Exception, SystemExit) as err:  # the module's own code failed: name it, never a traceback
+        raise ConfigError(f"{key_path}: importing module {module_name!r} raised {type(err).__name__}: "
+                          f"{one_line(err)}") from None
     if cls is None:
         raise ConfigError(f"{key_path}: module {module_name!r} has no class {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, BaseClient)):
@@ -67,3 +75,23 @@ def load_client_class(dotted: str, key_path: str) -> type[BaseClient]:
     if getattr(cls, "__abstractmethods__", None):
         raise ConfigError(f"{key_path}: {dotted} is abstract (missing {', '.join(sorted(cls.__abstractmethods__))})")
     return cls
+
+
+def check_client_config(cls: type[BaseClient], cfg: Config, key_path: str) -> None:
+    """Run the class's optional `check_config(cfg)`; anything but a ConfigError it raises is named as one."""
+    check = getattr(cls, "check_config", None)
+    if check is None:
+        return
+    try:
+        check(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{key_path}: {cls.__name__}.check_config raised {type(err).__name__}: "
+                          f"{one_line(err)}") from None
+
+
+def one_line(err: BaseException | str, limit: int = 200) -> str:
+    """An exception's message (or a text) on one line, cut to `limit` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -3,8 +3,9 @@
 Flower's `Grid.send_and_receive` returns only when every reply of a round is in, so a round of slow clients
 (FLIP inverts triggers for minutes on a CPU) shows nothing until it ends. `ObservedGrid` wraps the grid a
 strategy runs on: it sends and polls like Flower's in-memory grid, and tells a `RoundObserver` about each
-reply the moment it arrives, and about the round's failures (error replies and clients that never
-answered) when the round's replies are complete.
+reply the moment it arrives, and about the round's failures (error replies, replies the strategy will
+reject as malformed — `protocol.check_fit_reply` — and clients that never answered) when the round's
+replies are complete.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -70,6 +72,7 @@ class RoundSource(Protocol):
 
     partition_of: Mapping[int, int]
     rounds: Mapping[int, RoundRecord]
+    global_state: Mapping[str, np.ndarray]  # the round's global model: replies are checked against it
 
 
 class ObservedGrid(Grid):
@@ -129,9 +132,11 @@ class ObservedGrid(Grid):
             for reply in arrived:
                 waiting.discard(reply.metadata.reply_to_message_id)
                 partition = self.source.partition_of[reply.metadata.src_node_id]
-                if reply.has_error():
-                    failures[partition] = reply.error.reason or ""
-                    self.observer.client_replied(server_round, partition, None, failures[partition])
+                invalid = (reply.error.reason or "" if reply.has_error()
+                           else protocol.check_fit_reply(reply.content, self.source.global_state))
+                if invalid is not None:
+                    failures[partition] = invalid
+                    self.observer.client_replied(server_round, partition, None, invalid)
                 else:
                     self.observer.client_replied(server_round, partition, _metrics(reply), None)
             replies.extend(arrived)

@@ -4,13 +4,16 @@
 - TRAIN: the strategy sends the global model and a per-node config (`train_config`): the run's config as
   YAML, the clients' work directory, the round and the node's role (`RoundInfo`) and client class; the
   ClientApp reads it back with `read_train_config` and answers with `fit_reply` (the local model, the
-  aggregation weights and the client's metrics).
+  aggregation weights and the client's metrics). The server checks every reply with `check_fit_reply`
+  before it aggregates anything: a client can send anything.
 - Per-node state that persists across rounds travels in Flower's `context.state` (`read_state`,
   `write_state`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +124,73 @@ def fit_reply(result: FitResult) -> RecordDict:
     weights = MetricRecord({NUM_EXAMPLES: int(result.num_examples), UNIT_WEIGHT: 1})
     metrics = ConfigRecord({k: float(v) for k, v in result.metrics.items()})
     return RecordDict({ARRAYS: ArrayRecord(result.state), WEIGHTS: weights, CLIENT_METRICS: metrics})
+
+
+def check_fit_reply(content: RecordDict, template: Mapping[str, np.ndarray]) -> str | None:
+    """Why a TRAIN reply cannot be aggregated (one short line), or None when it is well-formed.
+
+    Well-formed is what `fit_reply` writes and nothing else: the model (every entry of `template`, the
+    global model, with its shape and dtype, floats all finite, no other entry), the aggregation weights
+    (a positive, finite `num-examples` and a `unit-weight` of 1) and client metrics that are finite
+    numbers. The server counts any other reply as a failed client, so that no rule ever sees it.
+    """
+    expected = {ARRAYS: "ArrayRecord", WEIGHTS: "MetricRecord", CLIENT_METRICS: "ConfigRecord"}
+    kinds = {**{k: "ArrayRecord" for k in content.array_records}, **{k: "MetricRecord" for k in content.metric_records},
+             **{k: "ConfigRecord" for k in content.config_records}}
+    for name, kind in expected.items():
+        if kinds.get(name) != kind:
+            return f"reply has no {kind} {name!r}" + (f" (it is a {kinds[name]})" if name in kinds else "")
+    extra = sorted(set(kinds) - set(expected))
+    if extra:
+        return f"reply has unexpected record {extra[0]!r}"
+    return (_check_arrays(content.array_records[ARRAYS], template) or _check_weights(content.metric_records[WEIGHTS])
+            or _check_metrics(content.config_records[CLIENT_METRICS]))
+
+
+def _check_arrays(record: ArrayRecord, template: Mapping[str, np.ndarray]) -> str | None:
+    """The model entries against the global model's: names, shapes, dtypes, finite values."""
+    missing = [k for k in template if k not in record]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"model entry {missing[0]!r} is missing{more}"
+    extra = [k for k in record if k not in template]
+    if extra:
+        return f"model has an unexpected entry {extra[0]!r}"
+    for k, ref in template.items():
+        try:
+            value = record[k].numpy()
+        except Exception as err:  # any decoding failure is the client's fault; its message is not repeated
+            return f"model entry {k!r} cannot be decoded ({type(err).__name__})"
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"model entry {k!r} is {value.dtype} {tuple(value.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            return f"model entry {k!r} has {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf)"
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_weights(record: MetricRecord) -> str | None:
+    """The aggregation weights: exactly num-examples (> 0) and unit-weight (1)."""
+    if set(record) != {NUM_EXAMPLES, UNIT_WEIGHT}:
+        return f"weights must hold exactly {NUM_EXAMPLES!r} and {UNIT_WEIGHT!r}, not {sorted(record)}"
+    examples = record[NUM_EXAMPLES]
+    if not _finite_number(examples) or examples <= 0:  # type: ignore[operator]
+        return f"weights: {NUM_EXAMPLES} = {examples!r} is not a positive finite number"
+    if record[UNIT_WEIGHT] != 1:
+        return f"weights: {UNIT_WEIGHT} = {record[UNIT_WEIGHT]!r} is not 1"
+    return None
+
+
+def _check_metrics(record: ConfigRecord) -> str | None:
+    """Client metrics: finite numbers only."""
+    for k, v in record.items():
+        if not _finite_number(v):
+            return f"client metric {k!r} = {str(v)[:40]!r} is not a finite number"
+    return None
 
 
 def read_client_metrics(content: RecordDict) -> dict[str, float]:

@@ -70,6 +70,23 @@ class Watchdog:
                 os._exit(1)
 
 
+def check_local_resources(resources: ResourcesConfig, address: str | None) -> None:
+    """Before Ray starts a local cluster: one client actor must fit on this machine (CPUs, a GPU if asked)."""
+    if address:
+        return  # an existing cluster: `init_ray` checks what it has
+    cpus = os.cpu_count() or 1
+    if resources.num_cpus > cpus:
+        raise ConfigError(f"resources.num_cpus: each client asks for {resources.num_cpus:g} CPUs but this machine "
+                          f"has {cpus}; lower it or join a cluster with --ray-address")
+    if resources.num_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if resources.num_gpus > gpus:
+            raise ConfigError(f"resources.num_gpus: each client asks for {resources.num_gpus:g} GPU(s) but this "
+                              f"machine has {gpus} that torch can use; lower it or join a cluster with --ray-address")
+
+
 def init_ray(resources: ResourcesConfig, address: str | None) -> None:
     """Start (or join) Ray, quietly, and check the cluster can host at least one client actor."""
     quiet_environment()

@@ -43,7 +43,7 @@ from flip_fl.attacks.flip_labels import (
     train_user_model,
 )
 from flip_fl.attacks.triggers import build_trigger
-from flip_fl.config import Config, LabelsConfig
+from flip_fl.config import Config, ConfigError, LabelsConfig
 from flip_fl.data import ImageDataset
 from flip_fl.device import torch_device
 from flip_fl.models import build_model
@@ -147,7 +147,7 @@ def trajectory(task: LabelTask, out: Path) -> list:
     folders = [out / "experts" / f"expert_{e}" for e in range(task.settings.num_experts)]
     missing = [str(f) for f in folders if not (f / DONE).is_file()]
     if missing:
-        raise FileNotFoundError(f"expert trajectories missing ({', '.join(missing)}): run --stage experts first")
+        raise ConfigError(f"expert trajectories missing ({', '.join(missing)}): run --stage experts first")
     return [c for f in folders for c in load_trajectory(f, (lo, hi), map_location=task.x.device)]
 
 
@@ -171,7 +171,7 @@ def load_logits(task: LabelTask, out: Path) -> list[Tensor]:
     paths = [out / "labels" / f"logits_{r}.pt" for r in range(task.settings.label_runs)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"label logits missing ({', '.join(missing)}): run --stage labels first")
+        raise ConfigError(f"label logits missing ({', '.join(missing)}): run --stage labels first")
     return [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
 
 
@@ -268,6 +268,32 @@ def write_table(folder: Path, rows: list[dict[str, Any]]) -> None:
                            [[str(r["budget"]), str(r["flips"]), str(r["labels"]), f"{100 * r['cta']:.2f}",
                              f"{100 * r['pta']:.2f}", f"{100 * r['pta_clean']:.2f}"] for r in rows])
     (folder / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def stage_outputs(stage: str, settings: LabelsConfig, out: Path) -> list[Path]:
+    """The files a finished stage leaves in `out` that later stages read."""
+    if stage == "experts":
+        return [out / "experts" / f"expert_{e}" / DONE for e in range(settings.num_experts)]
+    if stage == "labels":
+        return [out / "labels" / f"logits_{r}.pt" for r in range(settings.label_runs)]
+    if stage == "flips":
+        return [out / "flips" / f"{kind}_{budget_name(b)}.npy" for b in settings.budgets
+                for kind in ("labels", "indices")]
+    return []
+
+
+def check_stage_inputs(cfg: Config, out: Path, stages: list[str]) -> None:
+    """Before anything runs: every stage finds what it reads, in `out` or from a stage run before it now."""
+    s = cfg.labels
+    for stage in stages:
+        inputs = {"labels": ["experts"], "flips": ["labels"], "user": ["flips"] + ["labels"] * s.soft}.get(stage, [])
+        if stage == "labels" and all(p.is_file() for p in stage_outputs("labels", s, out)):
+            inputs = []  # every label run is done: the stage has nothing to compute
+        for before in inputs:
+            missing = [p for p in stage_outputs(before, s, out) if not p.is_file()]
+            if before not in stages and missing:
+                raise ConfigError(f"--stage {stage}: {missing[0]} is missing; run --stage {before} first "
+                                  "(same --output-dir and config)")
 
 
 def run_stages(cfg: Config, train: ImageDataset, test: ImageDataset, out: Path, stages: list[str],
