@@ -411,7 +411,7 @@ class LabelsConfig:
 
 @dataclass
 class ResourcesConfig:
-    """resources: Ray resources and the watchdog."""
+    """resources: Ray resources and timeouts."""
 
     num_cpus: float = key(1.0, "CPUs per client actor.", gt=0.0)
     num_gpus: float = key(
@@ -419,9 +419,21 @@ class ResourcesConfig:
         "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.",
         ge=0.0,
     )
-    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); "
-                                        "--ray-address overrides.")
-    round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
+    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one, bound to "
+                                        "127.0.0.1); --ray-address overrides.")
+    ray_connect_timeout: float = key(30.0, "Seconds to wait when joining resources.ray_address before the run fails.",
+                                     gt=0.0)
+    round_timeout: float = key(1800.0, "Seconds the server waits for a round's replies; clients that have not "
+                                       "answered by then count as failed and the run goes on.", gt=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """checkpoint: what a resumed run (`sim.py --resume RUN_DIR`) continues from."""
+
+    every: int = key(1, "Write RUN_DIR/checkpoint.pt (global model, strategy and client state, RNG state) every k "
+                        "rounds, after the last round and on interrupt; a resumed run repeats at most k - 1 rounds.",
+                     ge=1)
 
 
 @dataclass
@@ -446,4 +458,5 @@ class Config:
         "FLIP label-only attack: experts, trajectory matching, flips, user models (sim.py labels) and "
         "clients.FlipLabelClient.",
     )
-    resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and the watchdog.")
+    resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and timeouts.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints for resuming an interrupted run.")

@@ -5,14 +5,15 @@
   YAML, the clients' work directory, the round and the node's role (`RoundInfo`) and client class; the
   ClientApp reads it back with `read_train_config` and answers with `fit_reply` (the local model, the
   aggregation weights and the client's metrics).
-- Per-node state that persists across rounds travels in Flower's `context.state` (`read_state`,
-  `write_state`).
+- Per-partition state that persists across rounds (`ClientState`) travels with the TRAIN message and comes
+  back, updated, in its reply (`write_state`, `read_state`, `take_state`). The server keeps every
+  partition's state and writes it into the run's checkpoint, so a resumed run gets it back; Flower's
+  `context.state` lives in memory only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ INFO = "info"
 PARTITION_ID = "partition-id"
 """Also the key of Flower's `context.node_config` that holds a simulated node's partition."""
 
-# per-node state in context.state
+# per-partition client state, in a TRAIN message and its reply
 STATE_ARRAYS = "flipfl-state-arrays"
 STATE_VALUES = "flipfl-state-values"
 
@@ -66,7 +67,7 @@ class RoundInfo:
 
 @dataclass
 class ClientState:
-    """Per-partition state that persists across rounds (small: it travels with every message)."""
+    """Per-partition state that persists across rounds (small: it travels with every TRAIN message and reply)."""
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     values: dict[str, Scalar] = field(default_factory=dict)
@@ -116,11 +117,13 @@ def read_train_config(record: ConfigRecord) -> TrainTask:
     return TrainTask(str(record[CLIENT_CLASS]), str(record[RUN_CONFIG]), str(record[WORKDIR]), info)
 
 
-def fit_reply(result: FitResult) -> RecordDict:
-    """The reply to a TRAIN message: local model, aggregation weights, client metrics."""
+def fit_reply(result: FitResult, state: ClientState) -> RecordDict:
+    """The reply to a TRAIN message: local model, aggregation weights, client metrics and the client's state."""
     weights = MetricRecord({NUM_EXAMPLES: int(result.num_examples), UNIT_WEIGHT: 1})
     metrics = ConfigRecord({k: float(v) for k, v in result.metrics.items()})
-    return RecordDict({ARRAYS: ArrayRecord(result.state), WEIGHTS: weights, CLIENT_METRICS: metrics})
+    content = RecordDict({ARRAYS: ArrayRecord(result.state), WEIGHTS: weights, CLIENT_METRICS: metrics})
+    write_state(content, state)
+    return content
 
 
 def read_client_metrics(content: RecordDict) -> dict[str, float]:
@@ -138,22 +141,38 @@ def read_partition(content: RecordDict) -> int:
     return int(content.config_records[INFO][PARTITION_ID])  # type: ignore[arg-type]
 
 
-def read_state(context: Context) -> ClientState:
-    """This node's persistent client state (empty on its first round)."""
+def _records(holder: RecordDict | Context) -> RecordDict:
+    return holder.state if isinstance(holder, Context) else holder
+
+
+def read_state(source: RecordDict | Context) -> ClientState:
+    """The client state in a message's content (or a node's `context.state`); empty when there is none."""
+    records = _records(source)
     state = ClientState()
-    if STATE_ARRAYS in context.state.array_records:
-        state.arrays = {k: v.numpy() for k, v in context.state.array_records[STATE_ARRAYS].items()}
-    if STATE_VALUES in context.state.config_records:
-        state.values = dict(context.state.config_records[STATE_VALUES])  # type: ignore[arg-type]
+    if STATE_ARRAYS in records.array_records:
+        state.arrays = {k: v.numpy() for k, v in records.array_records[STATE_ARRAYS].items()}
+    if STATE_VALUES in records.config_records:
+        state.values = dict(records.config_records[STATE_VALUES])  # type: ignore[arg-type]
     return state
 
 
-def write_state(context: Context, state: ClientState) -> None:
-    """Store the client state back into the node's context for its next round."""
-    context.state[STATE_ARRAYS] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.arrays.items()})
-    context.state[STATE_VALUES] = ConfigRecord(dict(state.values))
+def write_state(target: RecordDict | Context, state: ClientState) -> None:
+    """Put a client state into a message's content (or a node's `context.state`)."""
+    records = _records(target)
+    records[STATE_ARRAYS] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.arrays.items()})
+    records[STATE_VALUES] = ConfigRecord(dict(state.values))
 
 
-def scalar_record(values: dict[str, Any]) -> MetricRecord:
-    """The numeric entries of `values` as a MetricRecord (what an evaluate function returns to Flower)."""
-    return MetricRecord({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
+def take_state(content: RecordDict) -> ClientState | None:
+    """Remove the client state from a TRAIN reply and return it (None when the reply carries none).
+
+    The server takes it out before the strategy sees the reply: Flower's aggregation expects exactly one
+    ArrayRecord per reply.
+    """
+    if STATE_ARRAYS not in content.array_records:
+        return None
+    state = read_state(content)
+    del content[STATE_ARRAYS]
+    if STATE_VALUES in content.config_records:
+        del content[STATE_VALUES]
+    return state
