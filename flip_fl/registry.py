@@ -65,7 +65,7 @@ class Registry(Mapping[str, Any]):
         return len(self._parts)
 
 
-DATASETS = Registry("dataset", ("synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100"))
+DATASETS = Registry("dataset", ("synthetic", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100"))
 """Loaders `Config -> (train, test)`, registered in `flip_fl.data.sources`."""
 
 MODELS = Registry("model", ("tiny_cnn", "mnist_cnn", "resnet18", "resnet32"))

@@ -24,6 +24,8 @@ FLTRUST_ROOT = 0xF17
 """FLTrust's root dataset, drawn from the test set."""
 FLTRUST_TRAINING = 0xF1
 """The server's own training on FLTrust's root data, per round: `torch_generator(seed, round, FLTRUST_TRAINING)`."""
+DIGITS_SPLIT = 0xD161
+"""The stratified train/test split of the `digits` dataset."""
 DEFENSE_NOISE = 0xDEF
 """Noise that defenses add to the aggregate (weak DP, FLAME), per round."""
 

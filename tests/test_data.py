@@ -62,3 +62,25 @@ def test_dirichlet_partition_covers_all_and_is_skewed():
     assert mean_max_share(skewed) > 0.5 > 0.2 > mean_max_share(uniform)
     again = partition_dirichlet(labels, 20, alpha=0.1, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(skewed, again))
+
+
+def test_digits_are_real_handwritten_digits_in_mnist_framing_with_a_seeded_stratified_split():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from flip_fl.data.sources import load_digits
+
+    train, test = load_digits(0)
+    assert (len(train), len(test)) == (1438, 359) and train.image_shape == (1, 28, 28)
+    assert train.images.dtype == torch.uint8 and train.num_classes == 10
+    counts = torch.bincount(test.labels, minlength=10)
+    raw = np.bincount(sklearn_digits().target, minlength=10)
+    assert counts.tolist() == [int(round(0.2 * n)) for n in raw]  # 20% of every class
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[4:24, 4:24] = False
+    assert int(train.images[:, 0][:, border].max()) == 0  # MNIST framing: the digit sits in the central 20x20
+    assert float(train.images.float().mean()) > 20  # and the images are not empty
+    again, _ = load_digits(0)
+    other, _ = load_digits(1)
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert not torch.equal(train.labels, other.labels)  # the split follows the seed
+    assert set(map(bytes, train.images.numpy())).isdisjoint(map(bytes, test.images.numpy()[:50]))

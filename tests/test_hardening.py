@@ -1,4 +1,4 @@
-"""Tests for flip_fl.hardening: harden_batch and TriggerCache."""
+"""Tests for flip_fl.defenses.flip: harden_batch, stamp_counts and TriggerCache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flip_fl.defenses.flip.hardening import UNIVERSAL, TriggerCache, harden_batch
+from flip_fl.defenses.flip.cache import UNIVERSAL, TriggerCache
+from flip_fl.defenses.flip.hardening import harden_batch
 from flip_fl.defenses.flip.inversion import stamp
 
 C, H, W = 3, 6, 6
@@ -126,7 +127,7 @@ def filled_cache() -> TriggerCache:
     cache = TriggerCache(num_classes=10)
     for t in range(10):
         cache.record(UNIVERSAL, t, rng.random((1, H, W)), rng.random((C, H, W)), float(rng.uniform(5, 30)))
-    cache.record(3, 5, rng.random((1, H, W)), rng.random((C, H, W)), 2.5)
+    cache.record(3, 5, rng.random((1, H, W)), rng.random((C, H, W)), 2.5, cost=0.02)
     cache.record(4, 1, None, None, float("inf"))  # inverted, nothing found
     cache.mask_sizes[7, 8] = np.nan  # unknown
     cache.warmed_up = True
@@ -135,9 +136,10 @@ def filled_cache() -> TriggerCache:
 
 def assert_same(a: TriggerCache, b: TriggerCache):
     assert a.num_classes == b.num_classes and a.warmed_up == b.warmed_up
-    assert np.array_equal(a.mask_sizes, b.mask_sizes, equal_nan=True)
-    assert a.mask_sizes.dtype == b.mask_sizes.dtype
-    assert set(a.masks) == set(b.masks) and set(a.patterns) == set(b.patterns)
+    for name in ("mask_sizes", "universal_sizes"):
+        assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True)
+        assert getattr(a, name).dtype == getattr(b, name).dtype
+    assert list(a.masks) == list(b.masks) and list(a.patterns) == list(b.patterns) and a.costs == b.costs
     for k in a.masks:
         assert np.array_equal(a.masks[k], b.masks[k]) and a.masks[k].dtype == b.masks[k].dtype
         assert np.array_equal(a.patterns[k], b.patterns[k])
@@ -165,6 +167,8 @@ def test_cache_record_and_lookup():
     cache = filled_cache()
     assert np.isnan(np.diag(cache.mask_sizes)).all()
     assert cache.mask_sizes[3, 5] == 2.5 and np.isinf(cache.mask_sizes[4, 1])
+    assert np.isfinite(cache.universal_sizes).all() and np.isnan(cache.mask_sizes[0, 1])  # rows left alone
+    assert cache.costs[(3, 5)] == 0.02 and (4, 1) not in cache.costs
     m, p = cache.get_trigger(3, 5)
     assert np.array_equal(m, cache.masks[(3, 5)])
     m, p = cache.get_trigger(2, 5)  # falls back to the universal trigger of target 5
@@ -172,40 +176,23 @@ def test_cache_record_and_lookup():
     assert TriggerCache(num_classes=3).get_trigger(0, 1) is None
 
 
-def test_select_pair_distribution():
+def test_pair_sizes_fall_back_to_the_universal_size_of_the_target():
+    cache = filled_cache()
+    sizes = cache.pair_sizes()
+    assert sizes[3, 5] == 2.5 and np.isinf(sizes[4, 1])
+    assert sizes[0, 1] == cache.universal_sizes[1] and np.isnan(np.diag(sizes)).all()
+
+
+def test_smallest_pairs_ranks_ties_at_random_and_can_avoid_a_source():
     cache = TriggerCache(num_classes=10)
     cache.mask_sizes[:] = 20.0
     np.fill_diagonal(cache.mask_sizes, np.nan)
-    cache.mask_sizes[3, 5] = 2.0  # the most promising pair
-    cache.mask_sizes[6, 2] = np.inf  # nothing found there
-    n = 20000
-    for explore in (0.0, 0.3, 1.0):
-        rng = np.random.default_rng(42)
-        picks = [cache.select_pair(rng, explore=explore) for _ in range(n)]
-        assert all(s != t for s, t in picks)
-        frac = sum(p == (3, 5) for p in picks) / n
-        expected = (1 - explore) + explore / 90
-        assert frac == pytest.approx(expected, abs=0.015), (explore, frac)
-        if explore == 1.0:  # uniform over the 90 ordered pairs
-            counts = np.zeros((10, 10))
-            for s, t in picks:
-                counts[s, t] += 1
-            off = counts[~np.eye(10, dtype=bool)]
-            assert off.min() > 0.5 * n / 90 and off.max() < 1.5 * n / 90
-
-
-def test_select_pair_fallbacks_and_sources():
+    cache.mask_sizes[3, 5] = 2.0
+    cache.mask_sizes[6, 2] = np.inf  # nothing found there: never ranked
     rng = np.random.default_rng(0)
-    unknown = TriggerCache(num_classes=5)  # nothing known: random pairs
-    picks = {unknown.select_pair(rng, explore=0.0) for _ in range(500)}
-    assert len(picks) > 10 and all(s != t for s, t in picks)
-    cache = TriggerCache(num_classes=5)
-    cache.mask_sizes[1, 2] = 1.0
-    cache.mask_sizes[3, 4] = 3.0
-    assert cache.select_pair(rng, explore=0.0) == (1, 2)
-    assert cache.select_pair(rng, explore=0.0, sources=[3, 4]) == (3, 4)
-    for _ in range(200):
-        s, t = cache.select_pair(rng, explore=1.0, sources=[0])
-        assert s == 0 and t != 0
-    with pytest.raises(ValueError):
-        cache.select_pair(rng, sources=[])
+    assert cache.smallest_pairs(1, rng, range(10)) == [(3, 5)]
+    assert cache.smallest_pairs(1, rng, range(10), avoid_source=3)[0][0] != 3
+    assert cache.smallest_pairs(1, rng, [3], avoid_source=3) == []
+    ties = [tuple(cache.smallest_pairs(2, rng, range(10))[1]) for _ in range(2000)]
+    assert (6, 2) not in ties and len(set(ties)) > 60  # the 88 pairs at 20.0 come up in random order
+    assert TriggerCache(num_classes=4).smallest_pairs(3, rng, range(4)) == []  # nothing known yet

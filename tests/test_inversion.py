@@ -1,4 +1,4 @@
-"""Tests for flip_fl.inversion (CPU, toy data, a few seconds).
+"""Tests for flip_fl.defenses.flip.inversion (CPU, toy data, a few seconds).
 
 A small CNN is trained for a few hundred Adam steps on 10 classes of noisy, smooth
 class-prototype images (1 x 16 x 16).  The poisoned variant relabels 10 % of the training
@@ -303,3 +303,54 @@ def test_empty_warm_start_rows_fall_back_to_neutral_init(poisoned_model, held_ou
     warm = invert_triggers(poisoned_model, tasks, settings, torch.Generator().manual_seed(1),
                            init_masks=zeros, init_patterns=nan_p)
     assert torch.equal(plain.mask_l1, warm.mask_l1) and torch.equal(plain.masks, warm.masks)
+
+
+def test_summed_cross_entropy_equals_the_mean_at_a_cost_divided_by_the_image_count(poisoned_model, held_out):
+    """The official symmetric loss sum_i CE_i + c|m| is n (mean CE + (c/n)|m|): Adam cannot tell them apart."""
+    xt, yt = held_out
+    n = 8
+    tasks = [(xt[yt == 1][:n], 0), (xt[yt == 0][:n], 1)]
+    g = torch.Generator().manual_seed(3)
+    init_m, init_p = torch.rand(2, 1, H, W, generator=g), torch.rand(2, 1, H, W, generator=g)
+    common = dict(steps=40, max_mask_fraction=CAP, reinit_noise=0.0)
+    summed = invert_triggers(poisoned_model, tasks, InversionSettings(sum_ce=True, init_cost=1e-2, **common),
+                             torch.Generator().manual_seed(0), init_masks=init_m, init_patterns=init_p)
+    mean = invert_triggers(poisoned_model, tasks, InversionSettings(init_cost=1e-2 / n, **common),
+                           torch.Generator().manual_seed(0), init_masks=init_m, init_patterns=init_p)
+    plain = invert_triggers(poisoned_model, tasks, InversionSettings(init_cost=1e-2, **common),
+                            torch.Generator().manual_seed(0), init_masks=init_m, init_patterns=init_p)
+    assert torch.allclose(summed.best_masks, mean.best_masks, atol=1e-3)
+    assert torch.allclose(summed.final_cost, mean.final_cost * n)
+    assert not torch.allclose(summed.best_masks, plain.best_masks, atol=1e-3)  # the reduction matters
+
+
+def test_per_task_initial_costs_and_best_triggers_beyond_the_cap(poisoned_model, held_out):
+    xt, yt = held_out
+    tasks = [(xt[yt == 1][:8], 0)] * 2
+    settings = InversionSettings(steps=30, max_mask_fraction=1e-3, reinit_noise=0.0, patience=1000)
+    g = torch.Generator().manual_seed(4)
+    init_m = torch.rand(1, 1, H, W, generator=g).repeat(2, 1, 1, 1)
+    init_p = torch.rand(1, 1, H, W, generator=g).repeat(2, 1, 1, 1)
+    res = invert_triggers(poisoned_model, tasks, settings, torch.Generator().manual_seed(0), init_masks=init_m,
+                          init_patterns=init_p, init_costs=torch.tensor([1e-3, 1e-1]))
+    assert res.final_cost.tolist() == pytest.approx([1e-3, 1e-1])  # patience never reached: costs kept
+    assert float(res.mask_l1[1]) < float(res.mask_l1[0])  # a higher L1 weight shrinks the mask faster
+    assert bool(res.oversized.all()) and torch.all(res.masks == 0)  # over the cap: no trigger to stamp ...
+    assert torch.isclose(res.best_masks.flatten(1).sum(1), res.mask_l1.float(), rtol=1e-4).all()  # ... but kept
+    assert res.steps == 30
+
+
+def test_early_stop_waits_for_every_task_then_ends_a_stalled_search(poisoned_model, held_out):
+    xt, yt = held_out
+    tasks = [(xt[yt == 1][:8], 0), (xt[yt == 3][:8], 2)]
+    base = dict(steps=400, max_mask_fraction=CAP, reinit_noise=0.0)
+    full = invert_triggers(poisoned_model, tasks, InversionSettings(**base), torch.Generator().manual_seed(0))
+    early = invert_triggers(poisoned_model, tasks, InversionSettings(stop_patience=10, **base),
+                            torch.Generator().manual_seed(0))
+    assert full.steps == 400 and 10 <= early.steps < 400 and early.steps % 10 == 0
+    assert torch.equal(early.success, full.success)
+    # a task that has not succeeded yet keeps the search going (an empty task does not count)
+    never = invert_triggers(poisoned_model, [(xt[yt == 1][:8], 0), (xt[:0], 3)],
+                            InversionSettings(stop_patience=5, success_threshold=1.01, **{**base, "steps": 40}),
+                            torch.Generator().manual_seed(0))
+    assert never.steps == 40 and not bool(never.success.any())

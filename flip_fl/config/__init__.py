@@ -35,6 +35,7 @@ from flip_fl.config.sections import (
                                     DefenseConfig,
                                     FederationConfig,
                                     FlipConfig,
+                                    FlipFastConfig,
                                     LabelsConfig,
                                     ModelConfig,
                                     ResourcesConfig,
@@ -45,7 +46,8 @@ from flip_fl.config.validation import NUM_CLASSES, validate, validate_labels
 
 __all__ = [
     "AttackConfig", "ClientConfig", "ClientRolesConfig", "Config", "ConfigError", "DataConfig", "DefenseConfig",
-    "FederationConfig", "FlipConfig", "LabelsConfig", "ModelConfig", "NUM_CLASSES", "ResourcesConfig", "ServerConfig",
+    "FederationConfig", "FlipConfig", "FlipFastConfig", "LabelsConfig", "ModelConfig", "NUM_CLASSES",
+    "ResourcesConfig", "ServerConfig",
     "SyntheticConfig", "apply_overrides", "config_from_dict", "config_reference_markdown", "from_yaml", "load_config",
     "max_attackers_per_round", "num_attackers", "parse_override", "read_yaml", "to_yaml", "validate", "validate_labels",
     "assumed_malicious", "attack_schedule", "round_sampler",

@@ -35,7 +35,8 @@ class DataConfig:
 
     name: str = key(
         "synthetic",
-        "Dataset: synthetic (offline, built in) or a torchvision dataset read from data.root.",
+        "Dataset: synthetic (offline, built in), digits (offline: scikit-learn's 1,797 real handwritten digits in "
+        "28x28) or a torchvision dataset read from data.root.",
         choices=DATASETS.names,
     )
     root: str = key("data", "Directory holding the torchvision dataset files (relative to the working directory).")
@@ -224,10 +225,80 @@ class DefenseConfig:
 
 
 @dataclass
+class FlipFastConfig:
+    """The fast FLIP schedule (`flip.schedule: fast`): one budgeted batched inversion per round, used by every batch."""
+
+    budget: float = key(
+        0.8,
+        "Inversion work of a later selection, in image-gradients per image-gradient of the round's hardening: the "
+        "inversion costs about this fraction of the hardening it feeds.",
+        gt=0.0,
+    )
+    warmup_budget: float = key(
+        2.0,
+        "The same on a partition's first selection, which has no cached triggers to continue from.",
+        gt=0.0,
+    )
+    min_steps: int = key(
+        5,
+        "Fewest inversion steps of a round, whatever the budget.",
+        ge=1,
+    )
+    max_steps: int = key(
+        100,
+        "Most inversion steps of a round.",
+        ge=1,
+    )
+    images_per_class: int = key(
+        1,
+        "Local images per class that the round's inversion uses (the same images every step).",
+        ge=1,
+    )
+    pairs: int = key(
+        4,
+        "Known (source, target) pairs with the smallest triggers inverted each round beside the universal ones.",
+        ge=0,
+    )
+    explore_pairs: int = key(
+        1,
+        "Random (source, target) pairs inverted each round (exploration).",
+        ge=0,
+    )
+    stop_patience: int = key(
+        10,
+        "Every this many steps, end the inversion if every trigger has been found and none shrank by 1% since the "
+        "last check (0: never).",
+        ge=0,
+    )
+    inversion_lr: float = key(
+        0.2,
+        "Adam learning rate of the fast inversion (official: 0.1, tuned for runs of hundreds of steps).",
+        gt=0.0,
+    )
+    init_cost: float = key(
+        0.03,
+        "Initial L1 weight of a trigger inverted for the first time; later rounds continue from the weight its "
+        "last inversion ended with (official: 1e-3 every time).",
+        ge=0.0,
+    )
+    cost_patience: int = key(
+        3,
+        "Steps at (below) the success threshold before the L1 weight is raised (lowered) (official: 10).",
+        ge=1,
+    )
+    lr: float = key(
+        0.03,
+        "SGD learning rate of fast hardening, with client.momentum and client.weight_decay (the official "
+        "schedule: Adam at flip.lr; docs/FLIP.md, clean-accuracy drift).",
+        gt=0.0,
+    )
+
+
+@dataclass
 class FlipConfig:
     """FLIP defense on benign clients (clients.FlipDefenseClient).
 
-    Defaults are the paper's MNIST values (docs/FLIP.md).
+    Defaults are the paper's MNIST values (docs/FLIP.md); keys marked official apply to the official schedule only.
     """
 
     harden: bool = key(
@@ -235,91 +306,103 @@ class FlipConfig:
         "Invert triggers and harden against them; false: FlipDefenseClient trains exactly like BenignClient (the "
         "'without hardening' ablation).",
     )
+    schedule: Literal["official", "fast"] = key(
+        "fast",
+        "official: the official code's per-batch schedule (warm-up, pair windows; minutes per client fit on a "
+        "CPU); fast: one budgeted batched inversion per round whose triggers harden every batch (docs/FLIP.md).",
+    )
     warmup_steps: int = key(
         400,
-        "Steps of the universal warm-up inversion (every target at once) on a client's first selection (MNIST 400, "
-        "F-MNIST 600, CIFAR-10 600).",
+        "official: steps of each universal inversion of the warm-up, one target per batch on a client's first "
+        "selection (MNIST 400, F-MNIST 600, CIFAR-10 600).",
         ge=0,
     )
-    refresh_steps: int = key(
-        0,
-        "Steps of a universal re-inversion, warm-started from the cached universal triggers, on every later "
-        "selection, so the pair ranking follows the changing global model (0: never, as in the paper).",
+    size_min: int = key(
+        1,
+        "A class takes part in a batch's pair inversion when the batch has more than this many of its images "
+        "(official: MNIST and F-MNIST 1, CIFAR-10 5).",
         ge=0,
     )
     samples_per_class: int = key(
-        5,
-        "Local images per class used by the warm-up inversion (the official code uses 1).",
+        1,
+        "official: local images per class of the warm-up's universal inversions (MNIST and F-MNIST 1, CIFAR-10 "
+        "5).",
         ge=1,
-    )
-    universal_batches: bool = key(
-        True,
-        "After a warm-up (or refresh), harden the first batches with the universal triggers found within the size "
-        "cap, one target per batch, all non-target images eligible (as the official warm-up does, which has no cap).",
     )
     pair_steps: int = key(
         200,
-        "Inversion steps on the first batch of a selected (source, target) pair (MNIST 200, F-MNIST 400, CIFAR-10 "
-        "200).",
+        "official: inversion steps on the first batch of a (source, target) pair, and on the next after a failure "
+        "(MNIST 200, F-MNIST 400, CIFAR-10 200).",
         ge=1,
     )
     repeat_steps: int = key(
         50,
-        "Inversion steps on the following batches of the same pair, warm-started from its last trigger (MNIST 50, "
-        "F-MNIST 100, CIFAR-10 50).",
+        "official: inversion steps on the next batch of the pair after a success, warm-started from its trigger "
+        "(MNIST 50, F-MNIST 100, CIFAR-10 50).",
         ge=1,
+    )
+    repeat_cost: float = key(
+        0.01,
+        "official: initial L1 weight of those repeat inversions (all datasets 1e-2).",
+        ge=0.0,
     )
     pair_every: int = key(
         2,
-        "Batches per selected pair: a new pair is chosen every pair_every batches (all datasets 2).",
+        "official: batches per selected pair after the first ten batches, which take a new pair each (all "
+        "datasets 2).",
         ge=1,
     )
     explore: float = key(
         0.3,
-        "Probability of picking a random pair instead of the most promising one (smallest known trigger; all datasets"
-        " 0.3).",
+        "official: probability of a random pair instead of the most promising one (smallest known trigger; all "
+        "datasets 0.3).",
         ge=0.0,
         le=1.0,
     )
-    symmetric: bool = key(True, "Invert s->t and t->s together when both classes are in the batch (false: only s->t).")
+    symmetric: bool = key(
+        True,
+        "official: invert s->t and t->s together when both classes are in the batch (false: only s->t).",
+    )
     init_cost: float = key(
-        1e-3,
-        "Initial weight of the mask L1 term of the inversion loss, adapted during the run (all datasets 1e-3).",
+        0.001,
+        "official: initial weight of the mask L1 term of the inversion loss, adapted during the run (all datasets "
+        "1e-3).",
         ge=0.0,
     )
     reinit_noise: float = key(
         0.01,
-        "Each time an inversion improves its best trigger it restarts from it plus uniform noise of this half-width "
-        "(official 0.01; 0: no restart, converges faster on short runs).",
+        "Each time an inversion improves its best trigger it restarts from it plus uniform noise of this "
+        "half-width (official 0.01; 0: no restart).",
         ge=0.0,
     )
     success_threshold: float = key(
         0.9,
-        "Fraction of stamped images classified as the target for an inverted trigger to count (MNIST and F-MNIST 0.9,"
-        " CIFAR-10 0.85).",
+        "Fraction of stamped images classified as the target for an inverted trigger to count (MNIST and F-MNIST "
+        "0.9, CIFAR-10 0.85).",
         gt=0.0,
         le=1.0,
     )
     max_mask_fraction: float = key(
         0.125,
-        "Inverted triggers whose mask L1 exceeds this fraction of H*W are discarded (MNIST and F-MNIST 1/8, CIFAR-10 "
-        "1/4).",
+        "Inverted triggers whose mask L1 exceeds this fraction of H*W are not stamped (MNIST and F-MNIST 1/8, "
+        "CIFAR-10 1/4); the official warm-up stamps its universal triggers uncapped.",
         gt=0.0,
         le=1.0,
     )
     portion: float = key(
         0.5,
-        "Fraction of the eligible images of a batch stamped with the inverted triggers, true labels kept (MNIST 0.5, "
-        "F-MNIST 0.6, CIFAR-10 0.9).",
+        "Fraction of the eligible images of a batch stamped with the inverted triggers, true labels kept (MNIST "
+        "0.5, F-MNIST 0.6, CIFAR-10 0.9).",
         gt=0.0,
         le=1.0,
     )
     lr: float = key(
         0.01,
-        "Adam learning rate of hardening, re-created every round (MNIST and F-MNIST 1e-2, CIFAR-10 1e-3).",
+        "official: Adam learning rate of hardening, re-created every round (MNIST and F-MNIST 1e-2, CIFAR-10 "
+        "1e-3).",
         gt=0.0,
     )
-    betas: list[float] = key([0.5, 0.9], "Adam betas of hardening (all datasets [0.5, 0.9]).")
+    betas: list[float] = key([0.5, 0.9], "official: Adam betas of hardening (all datasets [0.5, 0.9]).")
     local_epochs: int = key(
         10,
         "Local epochs of hardening (MNIST 10, F-MNIST 5, CIFAR-10 8), cut short by max_batches.",
@@ -342,6 +425,7 @@ class FlipConfig:
         "always kept.",
         ge=0,
     )
+    fast: FlipFastConfig = section(FlipFastConfig, "The fast schedule (flip.schedule: fast).")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from flip_fl.config.derived import assumed_malicious, attack_schedule, num_attac
 from flip_fl.config.schema import ConfigError
 from flip_fl.config.sections import Config
 
-NUM_CLASSES = {"synthetic": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"synthetic": 10, "digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
 def validate(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""Where datasets come from: the built-in synthetic dataset and the torchvision loaders, by `data.name`.
+"""Where datasets come from: the built-in synthetic data, scikit-learn's digits and torchvision, by `data.name`.
 
 Loaders are registered in `flip_fl.registry.DATASETS`.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from flip_fl.config import Config, ConfigError
 from flip_fl.data.dataset import ImageDataset
 from flip_fl.registry import DATASETS
-from flip_fl.seeds import synthetic_data_seed
+from flip_fl.seeds import DIGITS_SPLIT, numpy_rng, synthetic_data_seed
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -112,6 +112,40 @@ def _synthetic(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     return make_synthetic(cfg.seed, syn.channels, syn.image_size, syn.train_size, syn.test_size, syn.noise)
 
 
+DIGITS_TEST_FRACTION = 0.2
+
+
+def load_digits(seed: int, test_fraction: float = DIGITS_TEST_FRACTION) -> tuple[ImageDataset, ImageDataset]:
+    """scikit-learn's bundled UCI handwritten digits (1,797 images) in MNIST's 28x28 framing: real, offline.
+
+    The 8x8 images (values 0..16) are scaled to [0, 1], upsampled bilinearly to 20x20 and centred in a
+    28x28 field with a 4-pixel empty border, as MNIST centres its digits in a 20x20 box, so corner
+    triggers (DBA, pixel patterns) land on background as on MNIST. The split is stratified and seeded:
+    `test_fraction` of every class (rounded) goes to the test set (1,438 train / 359 test images).
+    """
+    from sklearn.datasets import load_digits as sklearn_digits  # imported here: only this dataset needs it
+
+    bunch = sklearn_digits()
+    small = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.pad(F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    rng = numpy_rng(seed, DIGITS_SPLIT)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        members = rng.permutation(np.flatnonzero(bunch.target == c))
+        is_test[members[: int(round(test_fraction * len(members)))]] = True
+    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    mean, std = _channel_stats(images[train_idx])
+    return (ImageDataset(images[train_idx], labels[train_idx], 10, mean, std),
+            ImageDataset(images[test_idx], labels[test_idx], 10, mean, std))
+
+
+@DATASETS.register("digits")
+def _digits(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    return load_digits(cfg.seed)
+
+
 def _torchvision_loader(name: str) -> Callable[[Config], tuple[ImageDataset, ImageDataset]]:
     return lambda cfg: load_torchvision(name, cfg.data.root, cfg.data.download)
 
@@ -122,7 +156,7 @@ for _name in TORCHVISION:
 
 def _data_key(cfg: Config) -> tuple:
     syn = cfg.data.synthetic
-    return (cfg.data.name, cfg.data.root, cfg.seed if cfg.data.name == "synthetic" else None,
+    return (cfg.data.name, cfg.data.root, cfg.seed if cfg.data.name in ("synthetic", "digits") else None,
             syn.channels, syn.image_size, syn.train_size, syn.test_size, syn.noise)
 
 
