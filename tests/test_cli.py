@@ -6,6 +6,7 @@ importing torch and Flower, and the machine has cores to spare.
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +38,10 @@ BAD_INPUT = [
      "error: server.initial_model: file not found"),
     (["--config", "no/such.yaml"], "error: no/such.yaml: config file not found"),
     (["--config"], "error: argument --config: expected one argument"),
+    (["--resume", "/nonexistent/run"], "error: --resume: /nonexistent/run holds no run (no config.yaml)"),
+    (["--resume", "configs", "--set", "seed=1"],
+     "error: --resume: continues the run with its own config.yaml; drop --set"),
+    ([], "error: --config: required (or --resume RUN_DIR to continue a run)"),
 ]
 
 
@@ -60,3 +65,11 @@ def test_bad_input_exits_2_with_one_line(results, args, expected):
 def test_config_docs_command_prints_the_reference(results):
     result = results[("config-docs",)]
     assert result.returncode == 0 and "| `attack.target_label` |" in result.stdout
+
+
+def test_an_unreachable_ray_address_exits_1_with_one_line_at_once():
+    started = time.monotonic()
+    result = sim("--config", "configs/quickstart.yaml", "--ray-address", "127.0.0.1:1")
+    seconds = time.monotonic() - started
+    assert result.returncode == 1 and seconds < 60, (result.returncode, seconds, result.stderr)
+    assert result.stderr.strip() == "error: simulation failed: cannot reach Ray at 127.0.0.1:1: Connection refused"

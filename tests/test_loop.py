@@ -83,6 +83,30 @@ def test_stop_then_resume_gives_the_uninterrupted_run(reference, tmp_path, every
     assert all(torch.equal(model(out)[k], v) for k, v in model(reference).items())
 
 
+FLIP = ("clients.benign=clients.FlipDefenseClient", "defense.name=foolsgold", "attack.num_malicious=1",
+        "attack.force_sampled=true", "data.synthetic.image_size=16", "data.synthetic.train_size=1200",
+        "data.synthetic.test_size=100", "federation.clients_per_round=3", "federation.num_rounds=3",
+        "client.local_epochs=1", "flip.schedule=fast", "flip.batch_size=32", "flip.local_epochs=1",
+        "flip.max_batches=2", "flip.fast.min_steps=2", "flip.fast.max_steps=3", "flip.fast.pairs=1")
+
+
+def test_a_flip_defended_foolsgold_run_resumes_with_its_trigger_caches_and_histories(tmp_path):
+    cfg = tiny_config(*FLIP)
+    reference = tmp_path / "reference"
+    play(cfg, reference)
+    out = tmp_path / "run"
+    stop = threading.Event()
+    with pytest.raises(RunInterrupted):
+        play(cfg, out, LocalGrid(6, on_push=stop_when(stop, 2), silent=lambda msg, pid: stop.is_set()), stop=stop)
+    state, _ = load_checkpoint(out)
+    assert state.server_round == 1 and any(k.startswith("history/") for k in state.strategy)
+    assert any(k.startswith("flip/") for c in state.clients.values() for k in c.arrays)  # FLIP trigger caches
+
+    play(cfg, out, resume=True)
+    assert rows(out) == rows(reference)
+    assert all(torch.equal(model(out)[k], v) for k, v in model(reference).items())
+
+
 class Crash(Exception):
     pass
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 Scalar = int | float | str | bool
 StateDict = dict[str, torch.Tensor]
@@ -141,13 +141,8 @@ def read_partition(content: RecordDict) -> int:
     return int(content.config_records[INFO][PARTITION_ID])  # type: ignore[arg-type]
 
 
-def _records(holder: RecordDict | Context) -> RecordDict:
-    return holder.state if isinstance(holder, Context) else holder
-
-
-def read_state(source: RecordDict | Context) -> ClientState:
-    """The client state in a message's content (or a node's `context.state`); empty when there is none."""
-    records = _records(source)
+def read_state(records: RecordDict) -> ClientState:
+    """The client state in a message's content; empty when there is none."""
     state = ClientState()
     if STATE_ARRAYS in records.array_records:
         state.arrays = {k: v.numpy() for k, v in records.array_records[STATE_ARRAYS].items()}
@@ -156,9 +151,8 @@ def read_state(source: RecordDict | Context) -> ClientState:
     return state
 
 
-def write_state(target: RecordDict | Context, state: ClientState) -> None:
-    """Put a client state into a message's content (or a node's `context.state`)."""
-    records = _records(target)
+def write_state(records: RecordDict, state: ClientState) -> None:
+    """Put a client state into a message's content."""
     records[STATE_ARRAYS] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.arrays.items()})
     records[STATE_VALUES] = ConfigRecord(dict(state.values))
 
