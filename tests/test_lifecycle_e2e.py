@@ -77,23 +77,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_superlink(api_port: int) -> None:
-    """End the local SuperLink `flwr run` started for this test (and its process groups), whatever happened."""
-    out = subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, pgid, args = line.split(None, 2)
-        if f"--port {api_port}" in args or f"--runtime-api-address 127.0.0.1:{api_port}" in args:
-            for target in {int(pgid), int(pid)}:
-                try:
-                    os.killpg(target, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+def stop_flower(flwr_home: Path, grace: float = 10.0) -> list[str]:
+    """Kill every process started with this FLWR_HOME (the SuperLink `flwr run` leaves running, its SuperExec
+    and simulation); returns those still alive after `grace` seconds (zombies aside)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+
+    def ours() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0") \
+                        and (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+        return pids
+
+    deadline = time.monotonic() + grace
+    while (left := ours()) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")[:200] for pid in ours()]
 
 
 def flwr_run(out: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     """The README's offline `flwr run` command, on its own SuperLink ports and FLWR_HOME, stopped afterwards."""
     api_port, control_port = free_port(), free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    flwr_home = tmp_path / "flwr"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     cmd = [str(Path(sys.executable).with_name("flwr")), "run", ".", "--stream",
            "--federation-config", "num-supernodes=20 client-resources-num-cpus=1",
@@ -101,7 +116,7 @@ def flwr_run(out: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        stop_superlink(api_port)
+        assert stop_flower(flwr_home) == []
 
 
 def stop_with(sig: signal.Signals, args: list[str], after_round: int, code: int, out: Path) -> None:

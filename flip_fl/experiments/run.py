@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -222,6 +223,7 @@ def main(grid: Grid, context: Context) -> None:
         except BaseException as err:  # handed to `run` in the main thread: this thread must not die silently
             local.error = err
         return
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # as under sim.py: no per-round INFO lines from FedAvg
     request = app_run(context.run_config)
     print(f"flip-fl: run directory {request.out_dir}", flush=True)
     execute(grid, prepare(request.cfg, request.out_dir, resume=request.resume, overwrite=request.overwrite))
