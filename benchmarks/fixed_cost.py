@@ -8,7 +8,8 @@ idle machine: both share the cores):
 - `sim.py`: the real run (Flower's Simulation Runtime, Ray, actors, records, checkpoints, end-of-run
   files); its summary.json says where its seconds went.
 - the plain loop (`--plain-loop`, this file): the same data, model, seeded sampling, client classes and
-  `fit` calls (one torch thread each, as in a client actor), a weighted mean with the server learning
+  `fit` calls (one torch thread each, as in a client actor; `--plain-threads N` gives them N, e.g. all the
+  cores, which the simulation's actors use together), a weighted mean with the server learning
   rate (FedAvg, `defense.name: fedavg` only) and the same `GlobalEvaluator` after every round, with no
   Flower, no Ray and no files.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plain_loop(config: str, overrides: list[str]) -> dict[str, float]:
+def plain_loop(config: str, overrides: list[str], threads: int | None = None) -> dict[str, float]:
     """The quickstart's work without Flower: returns phase seconds and the final clean accuracy."""
     started = time.monotonic()
     sys.path.insert(0, str(ROOT))
@@ -64,7 +65,7 @@ def plain_loop(config: str, overrides: list[str]) -> dict[str, float]:
     prepared = time.monotonic()
     server_threads = torch.get_num_threads()
     for server_round in range(1, cfg.federation.num_rounds + 1):
-        torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
+        torch.set_num_threads(threads or max(1, int(cfg.resources.num_cpus)))
         results = []
         for pid in sampler.sample(server_round, list(range(cfg.federation.num_clients))):
             index = schedule.attacker_index(pid)
@@ -109,10 +110,11 @@ def sim_side(config: str, overrides: list[str]) -> tuple[float, dict[str, float]
     return wall, phases
 
 
-def plain_side(config: str, overrides: list[str]) -> tuple[float, dict[str, float]]:
+def plain_side(config: str, overrides: list[str], threads: int | None) -> tuple[float, dict[str, float]]:
     """Wall time of the plain loop in a fresh process, and its phases."""
     sets = [item for o in overrides for item in ("--set", o)]
-    _, wall, stdout = timed([sys.executable, __file__, "--plain-loop", "--config", config, *sets])
+    extra = ["--plain-threads", str(threads)] if threads else []
+    _, wall, stdout = timed([sys.executable, __file__, "--plain-loop", "--config", config, *sets, *extra])
     phases = json.loads(stdout.strip().splitlines()[-1])
     phases["interpreter start and exit"] = wall - sum(v for k, v in phases.items() if k != "clean_acc")
     return wall, phases
@@ -135,15 +137,17 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--repeat", type=int, default=1, help="measure each side this many times, alternating")
+    parser.add_argument("--plain-threads", type=int, help="torch threads of the plain loop's fits (default: "
+                        "resources.num_cpus, as one client actor)")
     parser.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
-        print(json.dumps(plain_loop(args.config, args.set)))
+        print(json.dumps(plain_loop(args.config, args.set, args.plain_threads)))
         return
     for i in range(args.repeat):
         if args.repeat > 1:
             print(f"-- run {i + 1} of {args.repeat}")
-        report(sim_side(args.config, args.set), plain_side(args.config, args.set))
+        report(sim_side(args.config, args.set), plain_side(args.config, args.set, args.plain_threads))
 
 
 if __name__ == "__main__":
