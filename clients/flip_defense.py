@@ -9,8 +9,8 @@ Each round, on its own data and with no knowledge of any real trigger, the clien
   batch, with SGD (`flip.fast.lr`, `client.momentum`, `client.weight_decay`).
 
 Its trigger cache (`flip_fl.defenses.flip.cache.TriggerCache`: sizes, warm-up flag, recent triggers in
-float16) lives in `self.state`, which Flower keeps per node in `context.state`, so it follows the
-partition across rounds and never leaks between partitions. See docs/FLIP.md.
+float16) lives in `self.state`, which the server keeps per partition (and checkpoints), so it follows the
+partition across rounds, survives a resume and never leaks between partitions. See docs/FLIP.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ learning rate are handled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -68,6 +68,17 @@ class FoolsGoldDefense(DeltaDefense):
         super().__init__(**kwargs)
         self.features, self.confidence = features, confidence
         self.history: dict[int, np.ndarray] = {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The client histories, as `history/<partition id>` (checkpointed: a resumed run continues them)."""
+        return {f"history/{pid}": row.copy() for pid, row in sorted(self.history.items())}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the client histories of a `state_dict`."""
+        bad = [k for k in state if not k.startswith("history/")]
+        if bad:
+            raise ValueError(f"FoolsGold state has unexpected entries {bad[:3]}")
+        self.history = {int(k.split("/", 1)[1]): np.asarray(v, dtype=np.float32) for k, v in state.items()}
 
     def feature_mask(self) -> np.ndarray | None:
         """Compared parameter coordinates: all (None), or those of the output layer."""

@@ -170,6 +170,19 @@ class SeededFedAvg(FedAvg):
         record.errors = [f"client {pid}: {reasons[pid]}" for pid in record.failed]
         return [valid[pid] for pid in sorted(valid)]
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What this strategy carries from round to round beyond its constructor arguments, for checkpoints.
+
+        Empty here: sampling, roles and the server step are functions of the seed and the round. A defense
+        that accumulates something (FoolsGold's histories) returns it and restores it in `load_state_dict`.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore a `state_dict` (a resumed run, before its first round)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)[:3]}")
+
     def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
         """The aggregate client model before the server learning rate (Flower's rule via the MRO)."""
         aggregate, metrics = super().aggregate_train(server_round, replies)

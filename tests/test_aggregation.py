@@ -51,7 +51,7 @@ def test_eta_one_with_plain_mean_is_classic_average():
 def test_state_conversions_keep_zero_dimensional_entries():
     """BatchNorm's num_batches_tracked and cached scalars are 0-d: they must survive the records."""
     import torch
-    from flwr.app import Context, RecordDict
+    from flwr.app import RecordDict
 
     from flip_fl.federation.client import ClientState
     from flip_fl.federation.protocol import read_state, write_state
@@ -64,8 +64,8 @@ def test_state_conversions_keep_zero_dimensional_entries():
     assert all(back[k].shape == v.shape and back[k].dtype == v.dtype for k, v in state.items())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})
 
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    write_state(context, ClientState(arrays={"flag": np.asarray(True), "sizes": np.ones((2, 2))}, values={"n": 3}))
-    restored = read_state(context)
+    content = RecordDict()
+    write_state(content, ClientState(arrays={"flag": np.asarray(True), "sizes": np.ones((2, 2))}, values={"n": 3}))
+    restored = read_state(content)
     assert restored.arrays["flag"].shape == () and bool(restored.arrays["flag"]) is True
     assert restored.arrays["sizes"].shape == (2, 2) and restored.values == {"n": 3}

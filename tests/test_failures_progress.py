@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,9 +22,10 @@ from flip_fl.federation.failures import (
     short_reason,
     summary_lines,
 )
-from flip_fl.federation.observe import ObservedGrid
-from flip_fl.federation.protocol import FitResult, check_fit_reply, fit_reply
+from flip_fl.federation.observe import RoundWatch
+from flip_fl.federation.protocol import ClientState, FitResult, check_fit_reply, fit_reply, take_state
 from flip_fl.federation.rounds import RoundRecord
+from flip_fl.federation.server_app import exchange
 
 # The reason of a Flower error reply for a client that raised (as seen on 2026-11-30, Flower 1.42, Ray 2.55).
 CLIENT_RAISED = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\
@@ -188,7 +190,10 @@ GLOBAL = {"w": np.zeros(3, dtype=np.float32)}  # the global model the replies ar
 
 
 def reply_content(value: float):
-    return fit_reply(FitResult(state={"w": torch.full((3,), value)}, num_examples=4))
+    """A TRAIN reply's content as the strategy sees it (the server loop has taken the client state out)."""
+    content = fit_reply(FitResult(state={"w": torch.full((3,), value)}, num_examples=4), ClientState())
+    assert take_state(content) is not None
+    return content
 
 
 class FakeGrid:
@@ -229,14 +234,14 @@ class Recorder:
         self.events.append(("done", dict(failures)))
 
 
-def test_observed_grid_reports_each_reply_as_it_arrives_and_the_silent_clients():
-    source = SimpleNamespace(partition_of={100: 0, 101: 1, 102: 2, 103: 3}, global_state=GLOBAL,
-                             rounds={1: RoundRecord(sampled=[0, 1, 2, 3], malicious=[], attacking=[], started=0.0)})
+def test_the_round_watch_reports_each_reply_as_it_arrives_and_the_silent_clients():
+    record = RoundRecord(sampled=[0, 1, 2, 3], malicious=[], attacking=[], started=0.0)
     observer = Recorder()
-    grid = ObservedGrid(FakeGrid(), source, observer, round_timeout=0.5)  # type: ignore[arg-type]
-    assert grid.send_and_receive([], timeout=1) == []  # Flower's empty evaluation round: no event
-    replies = grid.send_and_receive([SimpleNamespace(dst=d) for d in range(4)], timeout=0.6)  # type: ignore[misc]
-    assert len(list(replies)) == 3
+    watch = RoundWatch(observer, 1, record, {100: 0, 101: 1, 102: 2, 103: 3}, GLOBAL, round_timeout=0.5)
+    replies, unanswered = exchange(FakeGrid(), [SimpleNamespace(dst=d) for d in range(4)], 0.6,  # type: ignore[arg-type]
+                                   threading.Event(), on_replies=watch.arrived)
+    watch.done()
+    assert len(replies) == 3 and unanswered == 1
     nan = check_fit_reply(reply_content(float("nan")), GLOBAL)  # what the strategy will reject it for
     assert nan is not None and check_fit_reply(reply_content(1.0), GLOBAL) is None
     assert observer.events == [("started", 1, [0, 1, 2, 3]), ("replied", 0, None), ("replied", 1, nan),
@@ -254,16 +259,21 @@ def test_a_start_up_killed_by_ray_for_memory_is_one_line_with_the_fix(monkeypatc
         def get_node_ids(self):
             return [11, 12, 13]
 
-        def send_and_receive(self, messages, timeout):
+        def push_messages(self, messages):
+            return ["q0", "q1", "q2"]
+
+        def pull_messages(self, ids):
             reasons = [OUT_OF_MEMORY, OUT_OF_MEMORY.replace("3.46GB", "3.52GB"), CLIENT_RAISED]
-            return [SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason=r)) for r in reasons]
+            return [SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason=r),
+                                    metadata=SimpleNamespace(reply_to_message_id=f"q{i}", src_node_id=11 + i))
+                    for i, r in enumerate(reasons)]
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # Flower sets these inside a real ServerApp
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     with pytest.raises(SimulationError) as err:
-        discover_partitions(KilledGrid(), 3, timeout=5)  # type: ignore[arg-type]
+        discover_partitions(KilledGrid(), 3, timeout=5, stop=threading.Event())  # type: ignore[arg-type]
     message = str(err.value)
-    assert message.startswith("only 0 of 3 clients answered the start-up query: 2x out of memory: Ray killed the "
-                              "client's worker; 1x RuntimeError: disk on fire. Ray killed client workers")
+    assert message.startswith("only 0 of 3 clients answered the start-up query within 300s: 2x out of memory: Ray "
+                              "killed the client's worker; 1x RuntimeError: disk on fire. Ray killed client workers")
     assert "\n" not in message and message.endswith("(Ray saw 3.46GB of 23.54GB in use)")

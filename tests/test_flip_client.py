@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 
 from clients import BenignClient, FlipDefenseClient
 from clients.flip_defense import cache_arrays
@@ -101,10 +101,10 @@ def test_cache_survives_rounds_and_does_not_leak_between_partitions(tmp_path, sc
     assert not np.isnan(cache.universal_sizes[:measured]).any()
     assert all(v.dtype == np.float16 for k, v in state_a.arrays.items() if k.endswith(("masks", "patterns")))
 
-    # through Flower's context.state, as the ClientApp stores it between rounds
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    write_state(context, state_a)
-    restored = read_state(context)
+    # through a message's content, as it travels between the server (which checkpoints it) and the ClientApp
+    content = RecordDict()
+    write_state(content, state_a)
+    restored = read_state(content)
     assert set(restored.arrays) == set(state_a.arrays)
     assert all(np.array_equal(restored.arrays[k], v, equal_nan=True) for k, v in state_a.arrays.items())
 

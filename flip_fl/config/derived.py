@@ -6,6 +6,8 @@ these).
 
 from __future__ import annotations
 
+from collections import abc
+
 from flip_fl.config.sections import Config
 from flip_fl.federation.schedule import AttackSchedule, RoundSampler, attack_window, draw_attackers
 
@@ -24,11 +26,11 @@ def attack_schedule(cfg: Config) -> AttackSchedule:
         malicious = list(attack.malicious_ids)
     else:
         malicious = draw_attackers(cfg.seed, fed.num_clients, num_attackers(cfg))
-    rounds: list[set[int]] = []
+    rounds: list[abc.Set[int]] = []
     for i in range(len(malicious)):
         if attack.rounds is not None:
             item = attack.rounds[i]
-            rounds.append(set(item) if isinstance(item, list) else {item})
+            rounds.append(frozenset(item) if isinstance(item, list) else frozenset({item}))
         else:
             rounds.append(attack_window(attack.mode == "single_shot", attack.start_round, attack.end_round,
                                         fed.num_rounds))

@@ -60,8 +60,7 @@ class FederationConfig:
 
     num_clients: int = key(20, "Number of clients (Flower supernodes), one data partition each.", ge=1)
     clients_per_round: int = key(10, "Clients sampled per round.", ge=1)
-    num_rounds: int = key(5, "Federated rounds to run (at most 1,000,000: the attack schedule is checked round by "
-                          "round before the run starts).", ge=1, le=1_000_000)
+    num_rounds: int = key(5, "Federated rounds to run.", ge=1, le=2**63 - 1)
 
 
 @dataclass
@@ -512,7 +511,7 @@ class LabelsConfig:
 
 @dataclass
 class ResourcesConfig:
-    """resources: Ray resources and the watchdog."""
+    """resources: Ray resources and timeouts."""
 
     num_cpus: float = key(1.0, "CPUs per client actor.", gt=0.0)
     num_gpus: float = key(
@@ -520,9 +519,12 @@ class ResourcesConfig:
         "GPUs per client actor (fractions share a GPU); server evaluation also uses CUDA when > 0.",
         ge=0.0,
     )
-    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one); "
-                                        "--ray-address overrides.")
-    round_timeout: float = key(1800.0, "Seconds a round may take before the run is aborted (watchdog).", gt=0.0)
+    ray_address: str | None = key(None, "Address of an existing Ray cluster (null: start a local one, bound to "
+                                        "127.0.0.1); --ray-address overrides.")
+    ray_connect_timeout: float = key(30.0, "Seconds to wait when joining resources.ray_address before the run fails.",
+                                     gt=0.0)
+    round_timeout: float = key(1800.0, "Seconds the server waits for a round's replies; clients that have not "
+                                       "answered by then count as failed and the run goes on.", gt=0.0)
     memory_gb: float | None = key(
         None,
         "Memory a process may use for the dataset (GB); a synthetic dataset estimated to need more is a config "
@@ -540,6 +542,15 @@ class ResultsConfig:
         "Also log every per-round scalar of metrics.csv to RUN_DIR/tensorboard (needs the optional tensorboard "
         "package: pip install 'flip-fl[tensorboard]').",
     )
+
+
+@dataclass
+class CheckpointConfig:
+    """checkpoint: what a resumed run (`sim.py --resume RUN_DIR`) continues from."""
+
+    every: int = key(1, "Write RUN_DIR/checkpoint.pt (global model, strategy and client state, RNG state) every k "
+                        "rounds, after the last round and on interrupt; a resumed run repeats at most k - 1 rounds.",
+                     ge=1)
 
 
 @dataclass
@@ -565,5 +576,6 @@ class Config:
         "FLIP label-only attack: experts, trajectory matching, flips, user models (sim.py labels) and "
         "clients.FlipLabelClient.",
     )
-    resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and the watchdog.")
+    resources: ResourcesConfig = section(ResourcesConfig, "Ray resources and timeouts.")
     results: ResultsConfig = section(ResultsConfig, "Extra result files (TensorBoard).")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints for resuming an interrupted run.")

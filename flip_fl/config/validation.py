@@ -138,12 +138,12 @@ def _validate_forced_sampling(cfg: Config) -> None:
             raise ConfigError(f"attack.force_sampled: {schedule_max} attackers are due in one round but only "
                               f"federation.clients_per_round = {fed.clients_per_round} clients are sampled")
     benign = fed.num_clients - num_attackers(cfg)
-    for r in range(1, fed.num_rounds + 1):
-        need = fed.clients_per_round - len(schedule.attackers_due(r))
-        if need > benign:
-            raise ConfigError(f"federation.clients_per_round: round {r} samples {need} benign clients but only "
-                              f"{benign} of the {fed.num_clients} clients are benign; sample fewer, add clients "
-                              "or set attack.force_sampled: false")
+    r, due = schedule.fewest_due(fed.num_rounds)  # the round that needs the most benign clients
+    need = fed.clients_per_round - due
+    if need > benign:
+        raise ConfigError(f"federation.clients_per_round: round {r} samples {need} benign clients but only "
+                          f"{benign} of the {fed.num_clients} clients are benign; sample fewer, add clients "
+                          "or set attack.force_sampled: false")
 
 
 def _validate_defense(cfg: Config) -> None:

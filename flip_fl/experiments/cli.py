@@ -2,14 +2,17 @@
 
 Run a simulation, a sweep, the FLIP label-attack pipeline, or print the config reference:
 
-    python sim.py --config FILE [--set key.path=value ...] [--output-dir DIR] [--ray-address ADDR] [--quiet]
+    python sim.py --config FILE [--set key.path=value ...] [--output-dir DIR] [--overwrite] [--ray-address ADDR]
+                  [--quiet]
+    python sim.py --resume RUN_DIR [--ray-address ADDR] [--quiet]
     python sim.py config-docs
     python sim.py sweep --config SWEEP.yaml [--set key.path=value ...] [--output-dir DIR] [--jobs N] [--report-only]
     python sim.py labels --config FILE [--stage experts|labels|flips|user|all ...] [--set ...] [--output-dir DIR]
 
-Exit codes: 0 success, 2 bad input (one line naming the key, file or value), 1 runtime failure, 130
-interrupted. Bad input is found before Ray starts: the config and every file it names, the client
-classes, the data partition and the output directory.
+Exit codes: 0 success, 2 bad input (one line naming the key, file or value), 1 runtime failure, 130 / 143
+stopped by SIGINT (Ctrl-C) / SIGTERM (finished rounds and a checkpoint are kept; one line says how to resume).
+Bad input is found before Ray starts: the config and every file it names, the client classes, the data
+partition and the output directory.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType, TracebackType
 
 from flip_fl.attacks.flip_labels.pipeline import STAGES, check_stage_inputs, run_stages
-from flip_fl.config import ConfigError, config_reference_markdown, load_config, to_yaml
+from flip_fl.config import Config, ConfigError, config_reference_markdown, load_config, to_yaml
 from flip_fl.data import load_datasets
 from flip_fl.experiments.grid import load_sweep
 from flip_fl.experiments.report import write_report
@@ -38,11 +44,45 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the run to stop (`event`) instead of raising wherever it is.
+
+    The run then saves a checkpoint of its last finished round, ends its clients and Ray, and returns;
+    further signals while it does so change nothing (no second, half-finished shutdown).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGINT)
+
+
 def _parser(prog: str, description: str, *, config: str, output_dir: str,
-            override: str = "override a config key; the value is parsed as YAML (repeatable)") -> _Parser:
+            override: str = "override a config key; the value is parsed as YAML (repeatable)",
+            config_required: bool = True) -> _Parser:
     """A subcommand parser with the options every subcommand shares: --config, --set, --output-dir."""
     parser = _Parser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help=config)
+    parser.add_argument("--config", required=config_required, help=config)
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=override)
     parser.add_argument("--output-dir", help=output_dir)
     return parser
@@ -85,35 +125,60 @@ def guarded(body: Callable[[], int], interrupted: str) -> int:
         return 130
 
 
+def _run_target(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    """The config and output directory `sim.py` runs, and whether it resumes; ConfigError for bad input."""
+    if args.resume is None:
+        if args.config is None:
+            raise ConfigError("--config: required (or --resume RUN_DIR to continue a run)")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{stamp}")
+        return load_config(args.config, args.set), out_dir, False
+    given = [name for name, value in (("--config", args.config), ("--set", args.set), ("--output-dir", args.output_dir),
+                                      ("--overwrite", args.overwrite)) if value]
+    if given:
+        raise ConfigError(f"--resume: continues the run with its own config.yaml; drop {', '.join(given)}")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    return load_config(run_dir / "config.yaml", []), run_dir, True
+
+
 def run_command(argv: list[str]) -> int:
-    """`sim.py --config ...`: run one simulation."""
+    """`sim.py --config ...` / `sim.py --resume RUN_DIR`: run (or continue) one simulation."""
     parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.",
                      config="YAML config file (see docs/CONFIG.md)",
-                     output_dir="where results go (default runs/<config-name>-<timestamp>)")
+                     output_dir="where results go (default runs/<config-name>-<timestamp>)", config_required=False)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
     parser.add_argument("--quiet", action="store_true",
                         help="plain lines (one per phase and per round) instead of the live display in a terminal")
     args = parser.parse_args(argv)
     quiet_environment()
 
-    def body() -> int:
-        cfg = load_config(args.config, args.set)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{stamp}")
-        check_output_dir(out_dir)
-        # imported here, after quiet_environment() (flwr reads its telemetry switch on import) and after the
-        # config is read (bad input fails without importing Flower)
-        from flip_fl.experiments.run import run
+    with StopOnSignal() as stop:
 
-        summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address,
-                      quiet=args.quiet)
-        final = summary["final"]
-        print(f"done: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s | clean_acc "
-              f"{final['clean_acc']:.4f} | asr {final['asr']:.4f} | max asr {summary['max_asr']:.4f} | failures "
-              f"{summary['total_failures']} | results in {summary['output_dir']}")
-        return 0
+        def body() -> int:
+            cfg, out_dir, resume = _run_target(args)
+            check_output_dir(out_dir)
+            # imported here, after quiet_environment() (flwr reads its telemetry switch on import) and after the
+            # config is read (bad input fails without importing Flower)
+            from flip_fl.experiments.run import RunInterrupted, run
 
-    return guarded(body, "metrics of the finished rounds are in the output directory")
+            try:
+                summary = run(cfg, out_dir, ray_address=args.ray_address or cfg.resources.ray_address,
+                              quiet=args.quiet, resume=resume, overwrite=args.overwrite, stop=stop.event)
+            except RunInterrupted as err:
+                done = f"after round {err.server_round}" if err.server_round >= 0 else "before round 0 finished"
+                print(f"interrupted {done}; resume with: python sim.py --resume {out_dir}", file=sys.stderr)
+                return stop.exit_code
+            final = summary["final"]
+            print(f"done: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s | clean_acc "
+                  f"{final['clean_acc']:.4f} | asr {final['asr']:.4f} | max asr {summary['max_asr']:.4f} | failures "
+                  f"{summary['total_failures']} | results in {summary['output_dir']}")
+            return 0
+
+        return guarded(body, "metrics of the finished rounds are in the output directory")
 
 
 def sweep_command(argv: list[str]) -> int:

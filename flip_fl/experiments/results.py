@@ -1,11 +1,17 @@
-"""A run's output directory: resolved config, per-round metrics appended as they happen, summary, model."""
+"""A run's output directory: resolved config, per-round metrics appended as they happen, summary, model.
+
+Memory stays flat however many rounds a run has: rows go to disk as they come and the summary is read
+back from `metrics.jsonl` at the end. A resumed run keeps the rows up to its checkpoint's round and
+drops any later ones (rounds it will play again).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,30 +69,70 @@ def format_round(row: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-class RunRecorder:
-    """Writes `config.yaml` at once, appends `metrics.jsonl` per round, and the final files at the end."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "client_metrics.csv", "errors.log", "tensorboard",
+             "summary.json", "final_model.pt", "threshold_sweep.csv", "curves.png", "checkpoint.pt",
+             "checkpoint.pt.tmp", "client_state")
+"""What a run writes into its output directory (`--overwrite` removes exactly these)."""
 
-    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True, sinks: Sequence[RoundSink] = ()) -> None:
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether `out_dir` holds (part of) a run: then starting another run there would overwrite it."""
+    return any((out_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt"))
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a metrics.jsonl, one at a time (stops at a truncated last line)."""
+    if not path.is_file():
+        return
+    with path.open() as fh:
+        for line in fh:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                return
+
+
+def keep_rounds(path: Path, last_round: int) -> None:
+    """Rewrite a metrics.jsonl with its rows up to `last_round` only (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        for row in read_rows(path):
+            if row["round"] <= last_round:
+                fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes `config.yaml` at once, appends `metrics.jsonl` per round, and the final files at the end.
+
+    A fresh recorder (`resume_round` None) starts `metrics.jsonl` empty; a resumed one keeps its rows up to
+    `resume_round` (-1: none) and appends after them.
+    """
+
+    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True, resume_round: int | None = None,
+                 sinks: Sequence[RoundSink] = ()) -> None:
         self.out_dir = out_dir
         self.echo = echo
         self.sinks = list(sinks)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        self.rows: list[dict[str, Any]] = []
+        if resume_round is None:
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.metrics_path.write_text("")
+        else:
+            keep_rounds(self.metrics_path, resume_round)
         self.started = time.time()
 
-    def record_round(self, row: dict[str, Any]) -> None:
-        """Append one round's metrics (flushed immediately: an interrupted run keeps what it did)."""
+    def record_round(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Append one round's metrics (flushed immediately: an interrupted run keeps what it did); returns the row."""
         row = _clean(row)
-        self.rows.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         for sink in self.sinks:
             sink.write(row)
         if self.echo:
             print(format_round(row), flush=True)
+        return row
 
     def close(self) -> None:
         """Close the round sinks (CSV tables, TensorBoard)."""
@@ -104,14 +150,20 @@ class RunRecorder:
         return write_csv(self.out_dir / name, rows)
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """summary.json: final metrics, best/peak values and timings."""
-        rows = [r for r in self.rows if r["round"] > 0] or self.rows
-        last = rows[-1] if rows else {}
+        """summary.json: final metrics, best/peak values and timings (read back from metrics.jsonl)."""
+        count, last, max_asr, failures = 0, {}, None, 0
+        for row in read_rows(self.metrics_path):
+            if row["round"] == 0 and count == 0:
+                last = row  # a run of no rounds reports its initial model
+                continue
+            count, last, failures = count + 1, row, failures + row.get("failures", 0)
+            if row.get("asr") is not None:
+                max_asr = row["asr"] if max_asr is None else max(max_asr, row["asr"])
         summary = {
-            "rounds": len(rows),
+            "rounds": count,
             "final": last,
-            "max_asr": max((r["asr"] for r in rows), default=None),
-            "total_failures": sum(r.get("failures", 0) for r in rows),
+            "max_asr": max_asr,
+            "total_failures": failures,
             "wall_seconds": time.time() - self.started,
             **extra,
         }

@@ -73,29 +73,43 @@ def client_rows(row: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 class CsvLog:
-    """A CSV file appended row by row; rewritten once with a wider header when a row brings new columns."""
+    """A CSV file appended row by row; rewritten with a wider header when a row brings new columns.
 
-    def __init__(self, path: Path) -> None:
+    Nothing is kept in memory but the header: a rewrite reads the rows back from the file. `keep_round`
+    (a resumed run) keeps the file's rows up to that round (-1: none) instead of starting it empty.
+    """
+
+    def __init__(self, path: Path, keep_round: int | None = None) -> None:
         self.path = path
         self.columns: list[str] = []
-        self.rows: list[dict[str, Any]] = []
-        path.write_text("")
+        if keep_round is None or not path.is_file():
+            path.write_text("")
+            return
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            self.columns = list(reader.fieldnames or [])
+            kept = [r for r in reader if r.get("round", "").isdigit() and int(r["round"]) <= keep_round]
+        self._rewrite(kept)
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add `rows` (flushed at once)."""
         if not rows:
             return
-        self.rows.extend(rows)
         new = [k for r in rows for k in r if k not in self.columns]
         if new:
+            with self.path.open(newline="") as fh:
+                old = list(csv.DictReader(fh)) if self.columns else []
             self.columns.extend(dict.fromkeys(new))
-            tmp = self.path.with_suffix(".tmp")
-            with tmp.open("w", newline="") as fh:
-                self._writer(fh, header=True).writerows(self.rows)
-            os.replace(tmp, self.path)
+            self._rewrite([*old, *rows])
             return
         with self.path.open("a", newline="") as fh:
             self._writer(fh).writerows(rows)
+
+    def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as fh:
+            self._writer(fh, header=True).writerows(rows)
+        os.replace(tmp, self.path)
 
     def _writer(self, fh: Any, header: bool = False) -> csv.DictWriter:
         writer = csv.DictWriter(fh, fieldnames=self.columns, restval="")
@@ -105,11 +119,12 @@ class CsvLog:
 
 
 class RoundTables:
-    """metrics.csv and client_metrics.csv of a run directory."""
+    """metrics.csv and client_metrics.csv of a run directory (a resumed run keeps its rows up to `resume_round`)."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.metrics = CsvLog(out_dir / "metrics.csv")
-        self.clients = CsvLog(out_dir / "client_metrics.csv")
+    def __init__(self, out_dir: Path, resume_round: int | None = None) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = CsvLog(out_dir / "metrics.csv", resume_round)
+        self.clients = CsvLog(out_dir / "client_metrics.csv", resume_round)
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append the round to both tables."""

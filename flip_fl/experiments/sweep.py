@@ -1,10 +1,11 @@
 """Running a sweep: every point of the grid as its own process, finished runs reused, then the report.
 
 Every run is a subprocess `python -m flip_fl.experiments.cli --config RUN/requested.yaml --output-dir RUN`
-under `SWEEP_DIR/runs/<key=value__...>/`, so a crash or a watchdog abort ends one run, not the sweep; runs
+under `SWEEP_DIR/runs/<key=value__...>/`, so a crash or a stop ends one run, not the sweep; runs
 go one at a time unless `jobs` > 1 (each has its own local Ray cluster). A run
-whose directory holds summary.json is not rerun (its config must equal the requested one); a failed
-run is rerun next time and shows as failed in the table until then.
+whose directory holds summary.json is not rerun (its config must equal the requested one); an interrupted
+run continues from its checkpoint next time (`--resume`), a run that failed before its first checkpoint
+starts over (`--overwrite`), and both show as failed in the table until they finish.
 """
 
 from __future__ import annotations
@@ -30,14 +31,19 @@ from flip_fl.experiments.report import error_line, write_report
 CLI_MODULE = "flip_fl.experiments.cli"
 
 
-def finished_config(run_dir: Path) -> Config | None:
-    """The config of a finished run in `run_dir` (None when it has not finished)."""
-    if not (run_dir / "summary.json").is_file():
-        return None
+def run_config(run_dir: Path) -> Config | None:
+    """The config of the run in `run_dir` (None when there is none or it is unreadable)."""
     try:
         return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     except (OSError, ConfigError, yaml.YAMLError):
         return None
+
+
+def finished_config(run_dir: Path) -> Config | None:
+    """The config of a finished run in `run_dir` (None when it has not finished)."""
+    if not (run_dir / "summary.json").is_file():
+        return None
+    return run_config(run_dir)
 
 
 def check_finished(sweep: Sweep, sweep_dir: Path) -> None:
@@ -54,13 +60,18 @@ def run_point(point: Point, run_dir: Path, ray_address: str | None) -> tuple[boo
     run_dir.mkdir(parents=True, exist_ok=True)
     requested = run_dir / "requested.yaml"
     requested.write_text(to_yaml(point.cfg))
-    cmd = [sys.executable, "-m", CLI_MODULE, "--config", str(requested), "--output-dir", str(run_dir)]
+    resumable = (run_dir / "checkpoint.pt").is_file() and run_config(run_dir) == point.cfg
+    if resumable:
+        cmd = [sys.executable, "-m", CLI_MODULE, "--resume", str(run_dir)]
+    else:
+        cmd = [sys.executable, "-m", CLI_MODULE, "--config", str(requested), "--output-dir", str(run_dir),
+               "--overwrite"]
     if ray_address:
         cmd += ["--ray-address", ray_address]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
-    with (run_dir / "log.txt").open("w") as log:
+    with (run_dir / "log.txt").open("a" if resumable else "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if rc == 130:
+    if rc in (130, 143):
         raise KeyboardInterrupt
     if rc == 0 and (run_dir / "summary.json").is_file():
         final = json.loads((run_dir / "summary.json").read_text())["final"]

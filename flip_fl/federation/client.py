@@ -2,7 +2,9 @@
 
 A client is built fresh for each training message with its partition's data and its persistent
 `ClientState`, runs `fit`, and is discarded: anything that must survive to the next round goes
-into `state` (kept by Flower per node in `context.state`) or under `workdir` (on disk, per partition).
+into `state` (sent back to the server with the reply, kept there per partition and saved in the run's
+checkpoints, so it survives a resume). `workdir` (on disk, per partition) is for caches that are a pure
+function of the config and the partition (a resumed run may find files a later, lost round wrote there).
 """
 
 from __future__ import annotations

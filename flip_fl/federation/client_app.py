@@ -1,7 +1,8 @@
 """The Flower ClientApp: builds the client class the server named on this node's partition and fits it.
 
 Runs inside Ray actors that serve many partitions, so nothing per-client lives in module globals:
-the config and dataset caches are keyed by content, per-client state travels in `context.state`.
+the config and dataset caches are keyed by content, per-client state travels with the TRAIN message and
+its reply (the server keeps it and checkpoints it).
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
     cls = load_client_class(task.client_class, "client-class")
     client = cls(cfg, pid, client_dataset(cfg, pid), torch_device(cfg.resources.num_gpus),
-                 protocol.read_state(context), Path(task.workdir) / f"partition-{pid:04d}")
+                 protocol.read_state(msg.content), Path(task.workdir) / f"partition-{pid:04d}")
     start = time.perf_counter()
     result = client.fit(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(), task.info)
     result.metrics.setdefault("train_seconds", time.perf_counter() - start)
-    protocol.write_state(context, client.state)
-    return Message(protocol.fit_reply(result), reply_to=msg)
+    return Message(protocol.fit_reply(result, client.state), reply_to=msg)

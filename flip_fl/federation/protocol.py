@@ -6,8 +6,10 @@
   ClientApp reads it back with `read_train_config` and answers with `fit_reply` (the local model, the
   aggregation weights and the client's metrics). The server checks every reply with `check_fit_reply`
   before it aggregates anything: a client can send anything.
-- Per-node state that persists across rounds travels in Flower's `context.state` (`read_state`,
-  `write_state`).
+- Per-partition state that persists across rounds (`ClientState`) travels with the TRAIN message and comes
+  back, updated, in its reply (`write_state`, `read_state`, `take_state`). The server keeps every
+  partition's state and writes it into the run's checkpoint, so a resumed run gets it back; Flower's
+  `context.state` lives in memory only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 Scalar = int | float | str | bool
 StateDict = dict[str, torch.Tensor]
@@ -52,7 +54,7 @@ INFO = "info"
 PARTITION_ID = "partition-id"
 """Also the key of Flower's `context.node_config` that holds a simulated node's partition."""
 
-# per-node state in context.state
+# per-partition client state, in a TRAIN message and its reply
 STATE_ARRAYS = "flipfl-state-arrays"
 STATE_VALUES = "flipfl-state-values"
 
@@ -69,7 +71,7 @@ class RoundInfo:
 
 @dataclass
 class ClientState:
-    """Per-partition state that persists across rounds (small: it travels with every message)."""
+    """Per-partition state that persists across rounds (small: it travels with every TRAIN message and reply)."""
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     values: dict[str, Scalar] = field(default_factory=dict)
@@ -119,11 +121,13 @@ def read_train_config(record: ConfigRecord) -> TrainTask:
     return TrainTask(str(record[CLIENT_CLASS]), str(record[RUN_CONFIG]), str(record[WORKDIR]), info)
 
 
-def fit_reply(result: FitResult) -> RecordDict:
-    """The reply to a TRAIN message: local model, aggregation weights, client metrics."""
+def fit_reply(result: FitResult, state: ClientState) -> RecordDict:
+    """The reply to a TRAIN message: local model, aggregation weights, client metrics and the client's state."""
     weights = MetricRecord({NUM_EXAMPLES: int(result.num_examples), UNIT_WEIGHT: 1})
     metrics = ConfigRecord({k: float(v) for k, v in result.metrics.items()})
-    return RecordDict({ARRAYS: ArrayRecord(result.state), WEIGHTS: weights, CLIENT_METRICS: metrics})
+    content = RecordDict({ARRAYS: ArrayRecord(result.state), WEIGHTS: weights, CLIENT_METRICS: metrics})
+    write_state(content, state)
+    return content
 
 
 def check_fit_reply(content: RecordDict, template: Mapping[str, np.ndarray]) -> str | None:
@@ -208,22 +212,32 @@ def read_partition(content: RecordDict) -> int:
     return int(content.config_records[INFO][PARTITION_ID])  # type: ignore[arg-type]
 
 
-def read_state(context: Context) -> ClientState:
-    """This node's persistent client state (empty on its first round)."""
+def read_state(records: RecordDict) -> ClientState:
+    """The client state in a message's content; empty when there is none."""
     state = ClientState()
-    if STATE_ARRAYS in context.state.array_records:
-        state.arrays = {k: v.numpy() for k, v in context.state.array_records[STATE_ARRAYS].items()}
-    if STATE_VALUES in context.state.config_records:
-        state.values = dict(context.state.config_records[STATE_VALUES])  # type: ignore[arg-type]
+    if STATE_ARRAYS in records.array_records:
+        state.arrays = {k: v.numpy() for k, v in records.array_records[STATE_ARRAYS].items()}
+    if STATE_VALUES in records.config_records:
+        state.values = dict(records.config_records[STATE_VALUES])  # type: ignore[arg-type]
     return state
 
 
-def write_state(context: Context, state: ClientState) -> None:
-    """Store the client state back into the node's context for its next round."""
-    context.state[STATE_ARRAYS] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.arrays.items()})
-    context.state[STATE_VALUES] = ConfigRecord(dict(state.values))
+def write_state(records: RecordDict, state: ClientState) -> None:
+    """Put a client state into a message's content."""
+    records[STATE_ARRAYS] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.arrays.items()})
+    records[STATE_VALUES] = ConfigRecord(dict(state.values))
 
 
-def scalar_record(values: dict[str, Any]) -> MetricRecord:
-    """The numeric entries of `values` as a MetricRecord (what an evaluate function returns to Flower)."""
-    return MetricRecord({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
+def take_state(content: RecordDict) -> ClientState | None:
+    """Remove the client state from a TRAIN reply and return it (None when the reply carries none).
+
+    The server takes it out before the strategy sees the reply: Flower's aggregation expects exactly one
+    ArrayRecord per reply.
+    """
+    if STATE_ARRAYS not in content.array_records:
+        return None
+    state = read_state(content)
+    del content[STATE_ARRAYS]
+    if STATE_VALUES in content.config_records:
+        del content[STATE_VALUES]
+    return state

@@ -1,7 +1,7 @@
 """The FLIP client's persistent trigger cache: trigger sizes per (source, target), triggers, warm-up flag.
 
-It is the state a benign client keeps across rounds (in Flower: `context.state`, through the client's
-`ClientState`; never a module global: Ray actors serve many partitions).
+It is the state a benign client keeps across rounds (its `ClientState`, which travels with each TRAIN message
+and reply and is saved in the run's checkpoints; never a module global: Ray actors serve many partitions).
 """
 
 from __future__ import annotations

@@ -1,0 +1,115 @@
+"""Checkpoints: everything a run needs to continue after a round, in one file replaced atomically.
+
+A `RunState` is where a run stands at the end of a round: the global model, the strategy's own state
+(e.g. FoolsGold's client histories), every partition's `ClientState` (FLIP trigger caches and whatever a
+client class keeps) and the process's random generators. `save_checkpoint` writes it to
+`RUN_DIR/checkpoint.pt` by writing a temporary file and renaming it over the old one, so a crash at any
+moment leaves the previous round's checkpoint or the new one, never half of one.
+
+The file is a `torch.save` of plain containers, numbers and tensors (arrays are stored as dtype, shape and
+their raw bytes, so every numpy dtype comes back bit for bit) and loads with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flip_fl.federation.protocol import ClientState
+
+FORMAT = 1
+FILENAME = "checkpoint.pt"
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of Python's, numpy's and torch's global random generators."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, encode_array(np.asarray(keys)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set the global random generators to a `capture_rng` state."""
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, decode_array(keys), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+
+
+@dataclass
+class RunState:
+    """Where a run stands at the end of round `server_round` (0: the initial model was evaluated)."""
+
+    server_round: int
+    global_state: dict[str, np.ndarray]
+    strategy: dict[str, np.ndarray]
+    clients: dict[int, ClientState]
+    rng: dict[str, Any] = field(default_factory=capture_rng)
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """An array as dtype, shape and its raw bytes in a uint8 tensor (exact for every fixed-size dtype)."""
+    array = np.asarray(array, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+    raw = torch.from_numpy(np.frombuffer(array.tobytes(), dtype=np.uint8).copy())
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": raw}
+
+
+def decode_array(item: dict[str, Any]) -> np.ndarray:
+    """Inverse of `encode_array` (a writable copy)."""
+    return np.frombuffer(item["data"].numpy().tobytes(), dtype=np.dtype(item["dtype"])).reshape(item["shape"]).copy()
+
+
+def _encode_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {k: encode_array(np.asarray(v)) for k, v in arrays.items()}
+
+
+def _decode_arrays(items: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: decode_array(v) for k, v in items.items()}
+
+
+def save_checkpoint(run_dir: Path, state: RunState, config_yaml: str) -> Path:
+    """Write `run_dir/checkpoint.pt` atomically (temporary file, fsync, rename); returns its path."""
+    path = run_dir / FILENAME
+    payload = {
+        "format": FORMAT, "round": state.server_round, "config": config_yaml,
+        "global": _encode_arrays(state.global_state), "strategy": _encode_arrays(state.strategy),
+        "clients": {pid: {"arrays": _encode_arrays(c.arrays), "values": dict(c.values)}
+                    for pid, c in sorted(state.clients.items())},
+        "rng": state.rng,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> tuple[RunState, str] | None:
+    """The checkpoint in `run_dir` and the config it was written under (None when there is none).
+
+    Raises ValueError when the file is not a checkpoint of this format.
+    """
+    path = run_dir / FILENAME
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a flip-fl checkpoint of format {FORMAT}")
+    clients = {int(pid): ClientState(arrays=_decode_arrays(c["arrays"]), values=dict(c["values"]))
+               for pid, c in payload["clients"].items()}
+    state = RunState(server_round=int(payload["round"]), global_state=_decode_arrays(payload["global"]),
+                     strategy=_decode_arrays(payload["strategy"]), clients=clients, rng=payload["rng"])
+    return state, str(payload["config"])
