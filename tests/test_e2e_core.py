@@ -40,7 +40,7 @@ def test_poisoned_federation_learns_and_is_backdoored(tmp_path: Path):
 
 def test_unweighted_mean_with_server_lr_and_a_custom_client(tmp_path: Path, monkeypatch):
     """A user-written client class in its own module, importable from the working directory, runs in Ray."""
-    module = tmp_path / "my_clients.py"
+    module = tmp_path / "loud_clients.py"  # a module name no other test imports (modules stay cached)
     module.write_text(
         "from clients import BenignClient\n"
         "class LoudClient(BenignClient):\n"
@@ -50,7 +50,7 @@ def test_unweighted_mean_with_server_lr_and_a_custom_client(tmp_path: Path, monk
         "        return result\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = tiny_config("clients.benign=my_clients.LoudClient", "server.weighted=false", "server.lr=0.5",
+    cfg = tiny_config("clients.benign=loud_clients.LoudClient", "server.weighted=false", "server.lr=0.5",
                       "federation.num_rounds=2")
     run(cfg, tmp_path / "out", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -125,18 +125,20 @@ def test_sweep_command_bad_input_exits_2_with_one_line(tmp_path: Path):
 
 @pytest.mark.e2e
 def test_tiny_sweep_over_every_defense_and_both_attack_modes(tmp_path: Path):
-    """13 real runs (2 rounds, 8 clients) as subprocesses, two at a time; each defense once, the modes alternating."""
-    names = list(DEFENSES)
+    """5 real runs (2 rounds, 8 clients) as subprocesses, two at a time: both attack modes, each with the undefended
+    run the cost table divides by, and a detecting defense. Every defense's rule runs through the strategy in
+    tests/test_replies.py and tests/test_robust.py; this test is about the sweep machinery."""
+    names = ["fedavg", "flame", "krum", "foolsgold"]
     spec = write_spec(tmp_path / "tiny.yaml", [
-        {**SINGLE_SHOT, "defense.name": names[0::2]},
-        {"attack.mode": ["continuous"], "defense.name": names[1::2]},
+        {**SINGLE_SHOT, "defense.name": ["fedavg", "flame"]},
+        {"attack.mode": ["continuous"], "defense.name": ["fedavg", "krum", "foolsgold"]},
     ], title="Tiny sweep")
     out = tmp_path / "sweep"
     result = sim("sweep", "--config", str(spec), "--output-dir", str(out), "--jobs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with (out / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 13 and all(r["status"] == "ok" for r in rows), rows
+    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows), rows
     assert {r["defense.name"] for r in rows} == set(names)
     table = (out / "results.md").read_text()
     for name in names:
@@ -145,14 +147,14 @@ def test_tiny_sweep_over_every_defense_and_both_attack_modes(tmp_path: Path):
     for plot in ("plot_synthetic_single_shot.png", "plot_synthetic_continuous.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = sorted((out / "runs").iterdir())
-    assert len(runs) == 13 and all((r / "curves.png").is_file() for r in runs)
+    assert len(runs) == 5 and all((r / "curves.png").is_file() for r in runs)
     krum_run = next(r["run"] for r in rows if r["defense.name"] == "krum")
     krum = json.loads((out / "runs" / krum_run / "metrics.jsonl").read_text().splitlines()[1])
     assert "detection_recall" in krum and len(krum["defense_kept"]) == 1
     assert "## Server cost per round" in table and "## Detection" in table
     start = time.time()
     again = sim("sweep", "--config", str(spec), "--output-dir", str(out))
-    assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 13
+    assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 5
     assert time.time() - start < 60
 
 
