@@ -33,6 +33,7 @@ from flip_fl.data import load_datasets
 from flip_fl.experiments.grid import load_sweep
 from flip_fl.experiments.report import write_report
 from flip_fl.experiments.sweep import run_sweep
+from flip_fl.federation.failures import one_line
 from flip_fl.federation.runtime import SimulationError, quiet_environment
 
 
@@ -88,11 +89,6 @@ def _parser(prog: str, description: str, *, config: str, output_dir: str,
     return parser
 
 
-def one_line(err: BaseException) -> str:
-    """An error message on one line (stderr carries exactly one line per error)."""
-    return " ".join(str(err).split())
-
-
 def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
     """The output directory must be a writable directory or one that can be created (nothing is created here)."""
     if path.exists():
@@ -115,10 +111,10 @@ def guarded(body: Callable[[], int], interrupted: str) -> int:
     try:
         return body()
     except ConfigError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err, None)}", file=sys.stderr)
         return 2
     except SimulationError as err:
-        print(f"error: simulation failed: {one_line(err)}", file=sys.stderr)
+        print(f"error: simulation failed: {one_line(err, None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)

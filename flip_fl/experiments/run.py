@@ -40,8 +40,9 @@ from flip_fl.experiments.results import RUN_FILES, RunRecorder, holds_run
 from flip_fl.experiments.round_files import RoundSink, RoundTables, TensorBoardLog, check_tensorboard
 from flip_fl.experiments.run_config import app_run
 from flip_fl.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
-from flip_fl.federation.client import check_client_config, load_client_class, one_line
+from flip_fl.federation.client import check_client_config, load_client_class
 from flip_fl.federation.client_app import app as client_app
+from flip_fl.federation.failures import one_line
 from flip_fl.federation.protocol import shared_config
 from flip_fl.federation.rounds import round_fields
 from flip_fl.federation.runtime import (

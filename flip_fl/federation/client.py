@@ -18,6 +18,7 @@ from torch import nn
 
 from flip_fl.config import Config, ConfigError
 from flip_fl.data import ImageDataset
+from flip_fl.federation.failures import one_line
 from flip_fl.federation.protocol import ClientState, FitResult, RoundInfo, StateDict
 from flip_fl.models import build_model
 from flip_fl.seeds import ClientStream, torch_generator
@@ -93,7 +94,3 @@ def check_client_config(cls: type[BaseClient], cfg: Config, key_path: str) -> No
                           f"{one_line(err)}") from None
 
 
-def one_line(err: BaseException | str, limit: int = 200) -> str:
-    """An exception's message (or a text) on one line, cut to `limit` characters."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -49,6 +49,12 @@ def _clip(text: str, limit: int = MAX_REASON) -> str:
     return cut.rstrip(" ,;:") + "…"
 
 
+def one_line(err: BaseException | str, limit: int | None = 200) -> str:
+    """An exception's message (or a text) on one line, cut at a word boundary to `limit` characters (None: whole)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if limit is None else _clip(text, limit)
+
+
 def short_reason(reason: str) -> str:
     """One line for a failure reason: the client's own exception (`RuntimeError: disk on fire`), not Ray's wrappers.
 
