@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.federation import protocol
-from flip_fl.federation.failures import no_reply_reason, short_reason
+from flip_fl.federation.failures import no_reply_reason
 from flip_fl.federation.rounds import RoundRecord
 from flip_fl.federation.schedule import RoundSampler
 
@@ -147,7 +147,7 @@ class SeededFedAvg(FedAvg):
 
         A failure is an error reply (the client raised), a reply that `protocol.check_fit_reply` rejects
         (missing, extra, mis-shaped, mistyped or non-finite entries, bad weights or metrics) or no reply at
-        all. Each failed client is recorded once with its reason (`RoundRecord.failed`, `.errors`); replies
+        all. Each failed client is recorded once with its full reason (`RoundRecord.reasons`); replies
         from nodes that were not sampled and repeated replies are ignored.
         """
         sampled = set(record.sampled)
@@ -157,7 +157,7 @@ class SeededFedAvg(FedAvg):
             pid = self.partition_of.get(m.metadata.src_node_id)
             if pid is None or pid not in sampled or pid in valid or pid in reasons:
                 continue
-            reason = (short_reason(m.error.reason or "") if m.has_error()
+            reason = (m.error.reason or "" if m.has_error()
                       else protocol.check_fit_reply(m.content, self.global_state))
             if reason is None:
                 valid[pid] = m
@@ -165,9 +165,7 @@ class SeededFedAvg(FedAvg):
                 reasons[pid] = reason
         for pid in sampled - set(valid) - set(reasons):
             reasons[pid] = no_reply_reason(self.round_timeout)
-        record.failed = sorted(reasons)
-        record.failures = len(reasons)
-        record.errors = [f"client {pid}: {reasons[pid]}" for pid in record.failed]
+        record.reasons = reasons
         return [valid[pid] for pid in sorted(valid)]
 
     def state_dict(self) -> dict[str, np.ndarray]:

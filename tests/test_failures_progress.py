@@ -26,6 +26,7 @@ from flip_fl.federation.observe import RoundWatch
 from flip_fl.federation.protocol import ClientState, FitResult, check_fit_reply, fit_reply, take_state
 from flip_fl.federation.rounds import RoundRecord
 from flip_fl.federation.server_app import exchange
+from strategies.seeded_fedavg import SeededFedAvg
 
 # The reason of a Flower error reply for a client that raised (as seen on 2026-11-30, Flower 1.42, Ray 2.55).
 CLIENT_RAISED = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\
@@ -234,18 +235,22 @@ class Recorder:
         self.events.append(("done", dict(failures)))
 
 
-def test_the_round_watch_reports_each_reply_as_it_arrives_and_the_silent_clients():
+def test_the_round_watch_reports_each_reply_as_it_arrives_and_the_strategys_verdict():
     record = RoundRecord(sampled=[0, 1, 2, 3], malicious=[], attacking=[], started=0.0)
+    partition_of = {100: 0, 101: 1, 102: 2, 103: 3}
     observer = Recorder()
-    watch = RoundWatch(observer, 1, record, {100: 0, 101: 1, 102: 2, 103: 3}, GLOBAL, round_timeout=0.5)
+    watch = RoundWatch(observer, 1, record, partition_of)
     replies, unanswered = exchange(FakeGrid(), [SimpleNamespace(dst=d) for d in range(4)], 0.6,  # type: ignore[arg-type]
                                    threading.Event(), on_replies=watch.arrived)
+    strategy = SimpleNamespace(partition_of=partition_of, global_state=GLOBAL, round_timeout=0.5)
+    SeededFedAvg.screen_replies(strategy, record, replies)  # type: ignore[arg-type]  # the judge
     watch.done()
     assert len(replies) == 3 and unanswered == 1
-    nan = check_fit_reply(reply_content(float("nan")), GLOBAL)  # what the strategy will reject it for
+    nan = check_fit_reply(reply_content(float("nan")), GLOBAL)  # what the strategy rejects it for
     assert nan is not None and check_fit_reply(reply_content(1.0), GLOBAL) is None
-    assert observer.events == [("started", 1, [0, 1, 2, 3]), ("replied", 0, None), ("replied", 1, nan),
+    assert observer.events == [("started", 1, [0, 1, 2, 3]), ("replied", 0, None), ("replied", 1, None),
                                ("replied", 2, "boom"), ("done", {1: nan, 2: "boom", 3: no_reply_reason(0.5)})]
+    assert record.errors == [f"client 1: {nan}", "client 2: boom", f"client 3: {no_reply_reason(0.5)}"]
 
 
 def test_a_start_up_killed_by_ray_for_memory_is_one_line_with_the_fix(monkeypatch):

@@ -3,8 +3,8 @@
 A round of slow clients (FLIP inverts triggers for minutes on a CPU) would show nothing until it ends.
 The server loop (`flip_fl.federation.server_app`) polls for replies itself; a `RoundWatch` tells a
 `RoundObserver` about each reply the moment it arrives, and about the round's failures (error replies,
-replies the strategy will reject as malformed — `protocol.check_fit_reply` — and clients that never
-answered) when the round's replies are complete.
+replies the strategy rejected as malformed — `protocol.check_fit_reply` — and clients that never
+answered) once the strategy has judged them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-import numpy as np
 from flwr.app import Message
 
 from flip_fl.federation import protocol
-from flip_fl.federation.failures import no_reply_reason
 from flip_fl.federation.rounds import RoundRecord
 
 
@@ -63,37 +61,28 @@ def _metrics(reply: Message) -> dict[str, float]:
 
 
 class RoundWatch:
-    """One round's replies told to a `RoundObserver` as they arrive, and the round's failures once they are in.
+    """One round's replies told to a `RoundObserver` as they arrive, and the round's failures once judged.
 
-    A failure is an error reply, a reply the strategy will reject as malformed (`protocol.check_fit_reply`
-    against the round's global model) or a sampled client that sent nothing back.
+    The strategy is the judge (`screen_replies`: error replies, malformed replies, silent clients); the
+    watch forwards its verdict, `RoundRecord.reasons`, when the round has been aggregated.
     """
 
     def __init__(self, observer: RoundObserver, server_round: int, record: RoundRecord,
-                 partition_of: Mapping[int, int], global_state: Mapping[str, np.ndarray], round_timeout: float) -> None:
-        self.observer, self.server_round, self.record = observer, server_round, record
-        self.partition_of, self.global_state, self.round_timeout = partition_of, global_state, round_timeout
-        self.failures: dict[int, str] = {}
-        self.answered: set[int] = set()
+                 partition_of: Mapping[int, int]) -> None:
+        self.observer, self.server_round, self.record, self.partition_of = observer, server_round, record, partition_of
         observer.round_started(server_round, record.sampled, record.malicious)
 
     def arrived(self, replies: Iterable[Message]) -> None:
-        """Tell the observer of each reply: its metrics, or why it failed."""
+        """Tell the observer of each reply: its metrics, or the error the client raised."""
         for reply in replies:
             partition = self.partition_of.get(reply.metadata.src_node_id)
             if partition is None:
                 continue
-            self.answered.add(partition)
-            invalid = (reply.error.reason or "" if reply.has_error()
-                       else protocol.check_fit_reply(reply.content, self.global_state))
-            if invalid is not None:
-                self.failures[partition] = invalid
-                self.observer.client_replied(self.server_round, partition, None, invalid)
+            if reply.has_error():
+                self.observer.client_replied(self.server_round, partition, None, reply.error.reason or "")
             else:
                 self.observer.client_replied(self.server_round, partition, _metrics(reply), None)
 
     def done(self) -> None:
-        """The round's replies are in (or its time is up): tell the observer of every failure."""
-        for partition in sorted(set(self.record.sampled) - self.answered):
-            self.failures[partition] = no_reply_reason(self.round_timeout)
-        self.observer.replies_done(self.server_round, self.failures)
+        """The round is judged: tell the observer of every failure the strategy recorded."""
+        self.observer.replies_done(self.server_round, dict(self.record.reasons))

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from flip_fl.federation.failures import short_reason
+
 
 @dataclass
 class RoundRecord:
@@ -20,11 +22,25 @@ class RoundRecord:
     malicious: list[int]
     attacking: list[int]
     started: float
-    failures: int = 0
-    failed: list[int] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    """Failed partition -> the full reason (a client's traceback, a malformed reply, no reply)."""
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[int]:
+        """The failed partitions, in order."""
+        return sorted(self.reasons)
+
+    @property
+    def failures(self) -> int:
+        """How many sampled clients failed."""
+        return len(self.reasons)
+
+    @property
+    def errors(self) -> list[str]:
+        """One `client P: reason` line per failed client (the metrics line's `errors`)."""
+        return [f"client {p}: {short_reason(self.reasons[p])}" for p in self.failed]
 
 
 def round_fields(record: RoundRecord | None) -> dict[str, Any]:

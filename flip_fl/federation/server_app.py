@@ -179,19 +179,20 @@ class _Loop:
         messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
         for m in messages:
             write_state(m.content, self.clients.get(partitions[m.metadata.dst_node_id], ClientState()))
-        watch = RoundWatch(job.observer, server_round, self.strategy.rounds[server_round], self.strategy.partition_of,
-                           self.strategy.global_state, job.round_timeout)
+        watch = RoundWatch(job.observer, server_round, self.strategy.rounds[server_round], self.strategy.partition_of)
 
         def arrived(replies: list[Message]) -> None:
-            for reply in replies:  # states out first: the watch judges a reply as the strategy will see it
+            for reply in replies:  # the state goes back to the loop, never to the strategy
                 state = None if reply.has_error() else take_state(reply.content)
                 if state is not None and reply.metadata.src_node_id in partitions:
                     self.clients[partitions[reply.metadata.src_node_id]] = state
             watch.arrived(replies)
 
         replies, _ = exchange(self.grid, messages, job.round_timeout, job.stop, on_replies=arrived)
-        watch.done()
-        aggregate, _ = self.strategy.aggregate_train(server_round, replies)
+        try:
+            aggregate, _ = self.strategy.aggregate_train(server_round, replies)
+        finally:
+            watch.done()  # the failures the strategy recorded, also when too few replies end the run
         if aggregate is not None:
             self.arrays = aggregate
         job.on_round(self.strategy, server_round, self.arrays)
