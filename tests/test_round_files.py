@@ -31,7 +31,7 @@ ROWS = [
 
 def write_run(tmp_path: Path, tensorboard: bool = False) -> Path:
     sinks = [RoundTables(tmp_path)] + ([TensorBoardLog(tmp_path / "tensorboard")] if tensorboard else [])
-    recorder = RunRecorder(tmp_path, tiny_config(), echo=False, sinks=sinks)
+    recorder = RunRecorder(tmp_path, tiny_config(), sinks=sinks)
     for row in ROWS:
         recorder.record_round(row)
     recorder.close()

@@ -109,10 +109,9 @@ class RunRecorder:
     `resume_round` (-1: none) and appends after them.
     """
 
-    def __init__(self, out_dir: Path, cfg: Config, echo: bool = True, resume_round: int | None = None,
+    def __init__(self, out_dir: Path, cfg: Config, resume_round: int | None = None,
                  sinks: Sequence[RoundSink] = ()) -> None:
         self.out_dir = out_dir
-        self.echo = echo
         self.sinks = list(sinks)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -130,8 +129,6 @@ class RunRecorder:
             fh.write(json.dumps(row) + "\n")
         for sink in self.sinks:
             sink.write(row)
-        if self.echo:
-            print(format_round(row), flush=True)
         return row
 
     def close(self) -> None:

@@ -216,7 +216,7 @@ def prepare(cfg: Config, out_dir: Path, *, resume: bool = False, overwrite: bool
     sinks: list[RoundSink] = [RoundTables(out_dir, resume_round)]
     if cfg.results.tensorboard:
         sinks.append(TensorBoardLog(out_dir / "tensorboard"))
-    recorder = RunRecorder(out_dir, cfg, echo=False, resume_round=resume_round, sinks=sinks)
+    recorder = RunRecorder(out_dir, cfg, resume_round=resume_round, sinks=sinks)
     return PreparedRun(cfg, out_dir, model, GlobalEvaluator(cfg, test, device),
                        GlobalEvaluator(cfg, validation, device) if validation else None, recorder, progress,
                        initial_state, resume_from, stop if stop is not None else threading.Event(),
