@@ -18,7 +18,6 @@ partition and the output directory.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from flip_fl.config import Config, ConfigError, config_reference_markdown, load_
 from flip_fl.data import load_datasets
 from flip_fl.experiments.grid import load_sweep
 from flip_fl.experiments.report import write_report
+from flip_fl.experiments.results import default_run_dir
 from flip_fl.experiments.sweep import run_sweep
 from flip_fl.federation.failures import one_line
 from flip_fl.federation.runtime import SimulationError, quiet_environment
@@ -126,8 +126,7 @@ def _run_target(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     if args.resume is None:
         if args.config is None:
             raise ConfigError("--config: required (or --resume RUN_DIR to continue a run)")
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{stamp}")
+        out_dir = Path(args.output_dir) if args.output_dir else default_run_dir(args.config)
         return load_config(args.config, args.set), out_dir, False
     given = [name for name, value in (("--config", args.config), ("--set", args.set), ("--output-dir", args.output_dir),
                                       ("--overwrite", args.overwrite)) if value]

@@ -7,6 +7,7 @@ drops any later ones (rounds it will play again).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -73,6 +74,11 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "client_metrics.csv"
              "summary.json", "final_model.pt", "threshold_sweep.csv", "curves.png", "checkpoint.pt",
              "checkpoint.pt.tmp", "client_state")
 """What a run writes into its output directory (`--overwrite` removes exactly these)."""
+
+
+def default_run_dir(config: str | Path, now: dt.datetime | None = None) -> Path:
+    """Where a run of `config` goes when no output directory is given: runs/<config-name>-<timestamp>."""
+    return Path("runs") / f"{Path(config).stem}-{(now or dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
 def holds_run(out_dir: Path) -> bool:

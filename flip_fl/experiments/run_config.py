@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flip_fl.config import Config, ConfigError, load_config
+from flip_fl.experiments.results import default_run_dir
 
 KEYS = {"config": str, "overrides": str, "output-dir": str, "workdir": str, "resume": bool, "overwrite": bool}
 WORKDIR_FIX = "add --run-config \"workdir='$PWD'\" to the flwr run command"
@@ -88,6 +89,5 @@ def app_run(run_config: Mapping[str, Any], now: dt.datetime | None = None) -> Ap
     config_path = workdir / values["config"]
     overrides = [item.strip() for item in values["overrides"].split(";") if item.strip()]
     cfg = with_absolute_paths(load_config(config_path, overrides), workdir)
-    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    out_dir = workdir / (output or f"runs/{config_path.stem}-{stamp}")
+    out_dir = workdir / (output or default_run_dir(config_path, now))
     return AppRun(cfg, out_dir, overwrite=values["overwrite"])
