@@ -38,13 +38,13 @@ def plain_loop(config: str, overrides: list[str], threads: int | None = None) ->
 
     from flip_fl.config import load_config, round_sampler
     from flip_fl.data import client_dataset, load_datasets
-    from flip_fl.defenses.fltrust import evaluation_set
     from flip_fl.defenses.updates import apply_server_lr
     from flip_fl.device import torch_device
     from flip_fl.evaluation.evaluator import GlobalEvaluator
     from flip_fl.federation.client import load_client_class
     from flip_fl.federation.protocol import ClientState, RoundInfo
     from flip_fl.models import build_model
+    from strategies import evaluation_set
 
     imported = time.monotonic()
     cfg = load_config(config, overrides)
@@ -57,7 +57,7 @@ def plain_loop(config: str, overrides: list[str], threads: int | None = None) ->
     evaluator = GlobalEvaluator(cfg, evaluation_set(cfg, test), device)
     sampler, schedule = round_sampler(cfg), round_sampler(cfg).schedule
     classes = {role: load_client_class(path, role) for role, path in
-               (("benign", cfg.clients.benign), ("malicious", cfg.attack.client))}
+               (("benign", cfg.roles.benign), ("malicious", cfg.roles.malicious))}
     states = {pid: ClientState() for pid in range(cfg.federation.num_clients)}
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     workdir = Path(tempfile.mkdtemp(prefix="plain-loop-"))

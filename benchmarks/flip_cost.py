@@ -31,20 +31,20 @@ import torch
 from clients import BenignClient, FlipDefenseClient
 from flip_fl.config import Config, attack_schedule, load_config, round_sampler
 from flip_fl.data import client_dataset, load_datasets
-from flip_fl.defenses.flip.inversion import InversionSettings, invert_triggers
-from flip_fl.defenses.fltrust import evaluation_set
+from flip_fl.defenses.flip_defense.inversion import InversionSettings, invert_triggers
 from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.device import torch_device
 from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.federation.client import BaseClient, ClientState, RoundInfo, load_client_class
 from flip_fl.models import build_model
+from strategies import evaluation_set
 
 StateDict = dict[str, torch.Tensor]
 
 
 def with_schedule(cfg: Config, schedule: Literal["official", "fast"]) -> Config:
-    """`cfg` with `flip.schedule` replaced."""
-    return replace(cfg, flip=replace(cfg.flip, schedule=schedule))
+    """`cfg` with `flip_defense.schedule` replaced."""
+    return replace(cfg, flip=replace(cfg.flip_defense, schedule=schedule))
 
 
 def round_info(cfg: Config, pid: int, server_round: int) -> RoundInfo:
@@ -89,10 +89,10 @@ def one_round(cfg: Config, benign: str, server_round: int, global_state: StateDi
 
     FLIP clients get a cache warmed on the same global model first (untimed): a later selection.
     """
-    cfg = replace(cfg, clients=replace(cfg.clients, benign=benign))
+    cfg = replace(cfg, roles=replace(cfg.roles, benign=benign))
     sampled = round_sampler(cfg).sample(server_round, list(range(cfg.federation.num_clients)))
     bad = set(attack_schedule(cfg).malicious)
-    classes = {pid: load_client_class(cfg.attack.client if pid in bad else benign, "client") for pid in sampled}
+    classes = {pid: load_client_class(cfg.roles.malicious if pid in bad else benign, "client") for pid in sampled}
     states = {pid: ClientState() for pid in sampled}
     for pid in sampled:
         if pid not in bad and benign != "clients.BenignClient":

@@ -12,6 +12,6 @@ class BenignClient(BaseClient):
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
         """Train the global model on the local data."""
         model = self.model_from(global_state)
-        metrics = LocalTraining.from_config(self.cfg.client).run(model, self.data, self.device,
+        metrics = LocalTraining.from_config(self.cfg.training).run(model, self.data, self.device,
                                                                  self.generator(info.server_round))
         return FitResult(state_on_cpu(model), len(self.data), metrics)

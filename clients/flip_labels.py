@@ -18,34 +18,34 @@ from flip_fl.federation.client import FitResult, RoundInfo, StateDict
 class FlipLabelClient(BenignClient):
     """Trains exactly like a benign client, but on its own clean images under FLIP-optimised labels.
 
-    Labels come from `labels.label_file` (a pipeline run's `flips/labels_<budget>.npy` over the whole
+    Labels come from `flip_labels.label_file` (a pipeline run's `flips/labels_<budget>.npy` over the whole
     training set, sliced to this partition by sample id), or, when that is null, from the attacker's
     own pipeline on its local data (experts on local data plus triggered copies, trajectory matching,
-    `labels.client_budget` flips), computed the first time it attacks and cached under its work dir.
+    `flip_labels.client_budget` flips), computed the first time it attacks and cached under its work dir.
     It never alters images and never scales its update (label-only threat model).
     """
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """A label file must exist and cover the whole training set."""
-        if cfg.labels.label_file is None:
+        if cfg.flip_labels.label_file is None:
             return
-        path = Path(cfg.labels.label_file)
+        path = Path(cfg.flip_labels.label_file)
         if not path.is_file():
-            raise ConfigError(f"labels.label_file: file not found: {path}")
+            raise ConfigError(f"flip_labels.label_file: file not found: {path}")
         try:
             labels = np.load(path, allow_pickle=False)
         except ValueError as err:
-            raise ConfigError(f"labels.label_file: {path} is not a .npy label array ({err})") from None
+            raise ConfigError(f"flip_labels.label_file: {path} is not a .npy label array ({err})") from None
         train, _ = load_datasets(cfg)
         if labels.shape != (len(train),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ConfigError(f"labels.label_file: {path} holds {labels.dtype} {labels.shape}, expected "
+            raise ConfigError(f"flip_labels.label_file: {path} holds {labels.dtype} {labels.shape}, expected "
                               f"{len(train)} integer labels (one per training sample of {cfg.data.name})")
 
     def flip_labels(self) -> np.ndarray:
         """This partition's poisoned labels, in local sample order."""
-        if self.cfg.labels.label_file is not None:
-            return np.load(self.cfg.labels.label_file)[client_indices(self.cfg, self.partition_id)]
+        if self.cfg.flip_labels.label_file is not None:
+            return np.load(self.cfg.flip_labels.label_file)[client_indices(self.cfg, self.partition_id)]
         cache = self.workdir / "flip_labels.npy"
         if not cache.is_file():
             labels = local_flip_labels(self.cfg, self.data, self.workdir / "flip_pipeline", self.device)

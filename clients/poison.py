@@ -43,7 +43,7 @@ class PoisonClient(BenignClient):
         """In attack rounds, train with the poisoned batches and the attacker's optimiser; otherwise honestly."""
         if not info.attacking:
             return super().fit(global_state, info)
-        a, c = self.cfg.attack, self.cfg.client
+        a, c = self.cfg.attack, self.cfg.training
         model = self.model_from(global_state)
         epochs = a.local_epochs or c.local_epochs
         optimizer = sgd(model, a.lr or c.lr, c.momentum if a.momentum is None else a.momentum,

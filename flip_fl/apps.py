@@ -3,7 +3,7 @@
 The same two objects run under `python sim.py` (Flower's in-process Simulation Runtime):
 
 - `server_app`: `flip_fl.experiments.run.server_app`, the ServerApp around the one server loop
-  (`flip_fl.federation.server_app.serve`); under `flwr run` it reads the run from the run config
+  (`flip_fl.federation.loop.serve`); under `flwr run` it reads the run from the run config
   (`flip_fl.experiments.run_config`) and writes everything to the run directory;
 - `client_app`: `flip_fl.federation.client_app.app`, which builds the named client class on its
   partition and fits it.

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flip_fl.config import ClientConfig
+from flip_fl.config import TrainingConfig
 from flip_fl.data.dataset import ImageDataset
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -119,10 +119,10 @@ class LocalTraining:
     max_batches: int | None = None
 
     @classmethod
-    def from_config(cls, client: ClientConfig) -> LocalTraining:
-        """The benign training of `client.*`."""
-        return cls(client.local_epochs, client.batch_size, client.lr, client.momentum, client.weight_decay,
-                   client.max_batches)
+    def from_config(cls, training: TrainingConfig) -> LocalTraining:
+        """The benign training of `training.*`."""
+        return cls(training.local_epochs, training.batch_size, training.lr, training.momentum, training.weight_decay,
+                   training.max_batches)
 
     def run(self, model: nn.Module, data: ImageDataset, device: torch.device,
             generator: torch.Generator) -> dict[str, float]:

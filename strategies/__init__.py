@@ -1,27 +1,21 @@
-"""Server strategies: SeededFedAvg and the defenses built on it, selected by `defense.name`.
+"""Server strategies: `SeededFedAvg`, the public `Defense` base, and one module per defense.
 
 - `seeded_fedavg`: FedAvg with seeded sampling, attacker roles, failure accounting and a server lr;
-- `defense`: the base of every defense (timing, update matrices, detection metrics);
-- `selection`: Krum, Multi-Krum, Bulyan; `coordinate`: median, trimmed mean (Flower's rules);
-- `clipping`: norm clipping, weak DP, FLAME; `reweighting`: RFA, FoolsGold, RLR, FLTrust;
-- `factory`: `build_strategy`, the one place where the config becomes constructor arguments.
+- `defense`: `Defense` (one `rule` hook on the round's update matrix), `Decision`, `RoundUpdates`;
+- one module per defense, each registering its class in `flip_fl.registry.DEFENSES` under its
+  `defense.name` (`fedavg`, `krum`, `multikrum`, `bulyan`, `median`, ...): found by the registry, listed nowhere;
+- `factory`: `build_strategy`, the config -> `cls(**federation options, **cls.options(params, cfg))`.
 
-Strategies take explicit keyword arguments (as Flower's do) and register in `flip_fl.registry.DEFENSES`;
-the aggregation rules themselves are numpy functions in `flip_fl.defenses`.
+The aggregation math of the defenses is numpy functions in `flip_fl.defenses`, or in the defense's own
+module for a rule no other code uses.
 """
 
 from __future__ import annotations
 
 from flip_fl.registry import DEFENSES
-from strategies.clipping import FLAMEDefense, NormClipDefense, WeakDPDefense
-from strategies.coordinate import MedianDefense, TrimmedMeanDefense
-from strategies.defense import Decision, DefenseStrategy, DeltaDefense
-from strategies.factory import build_strategy
-from strategies.reweighting import FLTrustDefense, FoolsGoldDefense, RFADefense, RLRDefense
+from strategies.defense import Decision, Defense, RoundUpdates
+from strategies.factory import build_strategy, evaluation_set
 from strategies.seeded_fedavg import RoundFailedError, SeededFedAvg
-from strategies.selection import BulyanDefense, KrumDefense, MultiKrumDefense
 
-__all__ = ["DEFENSES", "BulyanDefense", "Decision", "DefenseStrategy", "DeltaDefense", "FLAMEDefense",
-           "FLTrustDefense", "FoolsGoldDefense", "KrumDefense", "MedianDefense", "MultiKrumDefense",
-           "NormClipDefense", "RFADefense", "RLRDefense", "RoundFailedError", "SeededFedAvg", "TrimmedMeanDefense",
-           "WeakDPDefense", "build_strategy"]
+__all__ = ["DEFENSES", "Decision", "Defense", "RoundFailedError", "RoundUpdates", "SeededFedAvg", "build_strategy",
+           "evaluation_set"]

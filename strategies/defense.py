@@ -1,9 +1,26 @@
-"""The base of every defense strategy: timing, client update matrices and detection metrics.
+"""The public base of every server defense: one rule on the round's update matrix, and what it decided.
 
-A defense is a `SeededFedAvg` (same sampling, roles, failure accounting, evaluation and server
-learning rate) whose `aggregate_rule` returns the aggregate model and, for rules that accept, reject
-or reweight clients, a `Decision`. The decision is compared with the clients that attacked in the
-round and written into that round's metrics line (`RoundRecord.extra`):
+A defense is a `SeededFedAvg` (same sampling, roles, failure accounting, evaluation and server learning
+rate) with one hook, `rule`: the round's trained-parameter updates in (`RoundUpdates`), the aggregate
+update and a `Decision` out. Everything else is done here once: the update matrix, BatchNorm statistics,
+timing, the decision's metrics and the server step. A defense is one file in `strategies/`:
+
+    @DEFENSES.register("halve")
+    class HalveDefense(Defense):
+        @dataclass
+        class Params:                                   # defense.halve.* in the config (docs/CONFIG.md)
+            factor: float = key(0.5, "Multiplier of the mean update.", gt=0.0)
+
+        def __init__(self, *, factor: float = 0.5, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.factor = factor
+
+        def rule(self, updates: RoundUpdates) -> tuple[FloatArray, Decision]:
+            weights = updates.weights / updates.weights.sum()
+            return self.factor * weights @ updates.matrix, Decision(weights=weights)
+
+The decision is compared with the clients that attacked in the round and written into that round's
+metrics line (`RoundRecord.extra`):
 
 - `defense_clients`: partition ids of the aggregated replies (sorted), the order of every list below;
 - `defense_weights`: each client's coefficient in the aggregate; `defense_scales`: per-client
@@ -20,42 +37,83 @@ round and written into that round's metrics line (`RoundRecord.extra`):
   for Krum's or Bulyan's bound) keeps the global model and records no kept/rejected lists or detection
   counts, so rounds without a decision never count as rejections;
 - `defense_<key>`: the rule's scalar diagnostics (clip norm, cluster size, flipped coordinates...);
-- `aggregation_seconds`: wall time of the aggregation rule itself (the defense's server cost).
+- `aggregation_seconds`: wall time of the rule itself (the defense's server cost).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import numpy as np
+import numpy.typing as npt
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from flip_fl.config import Config
+from flip_fl.config.schema import NoParams
 from flip_fl.defenses.common import AggregationOutcome, row_norms
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
 from flip_fl.evaluation.detection import detection_scores
 from flip_fl.federation import protocol
-from flip_fl.registry import DEFENSES
 from flip_fl.seeds import DEFENSE_NOISE, numpy_rng
 from strategies.seeded_fedavg import SeededFedAvg, arrays_to_numpy, numpy_to_arrays
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class RoundUpdates:
+    """What a rule sees of one round.
+
+    Attributes:
+        server_round: the round.
+        matrix: (n, d) float64 updates `local_i - global` of the trained parameters (BatchNorm statistics
+            left out), one row per valid reply in partition order.
+        weights: (n,) each reply's aggregation weight under `server.weighted` (its number of examples, or
+            1), not normalised.
+        clients: the replies' partition ids, aligned with the rows.
+    """
+
+    server_round: int
+    matrix: FloatArray
+    weights: FloatArray
+    clients: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.clients)
 
 
 @dataclass
 class Decision:
-    """How a rule treated each aggregated client, aligned with the (sorted) replies.
+    """How a rule treated each aggregated client, aligned with the rows of `RoundUpdates`.
 
-    `norms` (the L2 norms of the updates the rule combined) is set for rules whose aggregate is
-    sum_i weights[i] * scales[i] * update_i, so the attackers' share of it can be measured; `skipped`
-    is the reason when the rule made no decision this round.
+    Attributes:
+        weights: each client's coefficient in the aggregate (None: the rule reports none).
+        kept: per client, accepted (True) or rejected, for rules that decide per client.
+        scales: per-client rescaling applied before weighting (norm clipping).
+        coordinatewise: the aggregate is per coordinate (median, trimmed mean, Bulyan's second stage), not a
+            combination of whole updates: no attackers' share of it is measured.
+        statistics_weights: the weights that average BatchNorm statistics (None: `weights`).
+        skipped: the reason when the rule made no decision this round (the global model is kept).
+        info: the rule's scalar diagnostics, recorded as `defense_<key>`.
     """
 
-    weights: np.ndarray | None = None
-    kept: np.ndarray | None = None
-    scales: np.ndarray | None = None
-    norms: np.ndarray | None = None
+    weights: FloatArray | None = None
+    kept: BoolArray | None = None
+    scales: FloatArray | None = None
+    coordinatewise: bool = False
+    statistics_weights: FloatArray | None = None
     skipped: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, outcome: AggregationOutcome, kept: bool = False, scales: bool = False) -> Decision:
+        """The decision of a numpy rule's outcome: its weights, optionally its client-level choice and scales."""
+        return cls(weights=outcome.weights, kept=outcome.kept if kept else None,
+                   scales=outcome.arrays["scale"] if scales else None, info=dict(outcome.info))
 
 
 def _json_scalar(value: Any) -> Any:
@@ -68,8 +126,9 @@ def _json_scalar(value: Any) -> Any:
     return value
 
 
-def detection_fields(clients: list[int], attacking: list[int], decision: Decision) -> dict[str, Any]:
-    """The metrics-line fields of one round's decision (see the module docstring)."""
+def detection_fields(clients: list[int], attacking: list[int], decision: Decision,
+                     norms: FloatArray | None = None) -> dict[str, Any]:
+    """The metrics-line fields of one round's decision (see the module docstring); `norms`: the update norms."""
     bad = np.array([pid in set(attacking) for pid in clients], dtype=bool)
     out: dict[str, Any] = {"defense_clients": list(clients)}
     if decision.skipped is not None:
@@ -80,8 +139,8 @@ def detection_fields(clients: list[int], attacking: list[int], decision: Decisio
         w = np.asarray(decision.weights, dtype=np.float64)
         out["defense_weights"] = [round(float(v), 6) for v in w]
         out["defense_attacker_weight"] = float(w[bad].sum()) if bad.any() else None
-        if decision.norms is not None:
-            out["defense_attacker_share"] = attacker_share(w, decision.scales, decision.norms, bad)
+        if norms is not None and not decision.coordinatewise:
+            out["defense_attacker_share"] = attacker_share(w, decision.scales, norms, bad)
     if decision.scales is not None:
         out["defense_scales"] = [round(float(v), 6) for v in decision.scales]
     if decision.kept is not None:
@@ -95,7 +154,8 @@ def detection_fields(clients: list[int], attacking: list[int], decision: Decisio
     return out
 
 
-def attacker_share(weights: np.ndarray, scales: np.ndarray | None, norms: np.ndarray, bad: np.ndarray) -> float | None:
+def attacker_share(weights: FloatArray, scales: FloatArray | None, norms: FloatArray,
+                   bad: BoolArray) -> float | None:
     """The attackers' part of sum_i w_i s_i u_i, by contribution norms |w_i s_i| ||u_i|| (None without attackers)."""
     if not bad.any():
         return None
@@ -105,64 +165,87 @@ def attacker_share(weights: np.ndarray, scales: np.ndarray | None, norms: np.nda
     return float(contribution[bad].sum()) / total if total > 0 else 0.0
 
 
-@DEFENSES.register("fedavg")
-class DefenseStrategy(SeededFedAvg):
-    """SeededFedAvg plus timing and detection metrics; subclasses supply `aggregate_rule`.
+def noise_rng(seed: int, server_round: int) -> np.random.Generator:
+    """The noise stream of a round (weak DP, FLAME): same seed and round, same noise."""
+    return numpy_rng(seed, server_round, DEFENSE_NOISE)
 
-    Plain FedAvg is this class itself: Flower's (weighted) mean, no decision. Constructor arguments are
-    those of `SeededFedAvg`; each defense adds its own keyword arguments.
+
+class Defense(SeededFedAvg):
+    """A server defense: `SeededFedAvg` whose aggregate update is `rule(updates)`.
+
+    Subclasses implement `rule` and declare their parameters twice over: as explicit keyword arguments of
+    `__init__` (with defaults, as Flower's strategies do) and as the `Params` dataclass of config keys
+    `defense.<name>.*` (defaults, ranges and one documentation line each, `flip_fl.config.key`). `check`
+    holds the rules that involve other config keys; `options` turns the params into the constructor's
+    keyword arguments (override it when a parameter is resolved from the run, e.g. f from the attack).
+
+    BatchNorm statistics (running mean/var, batch counters) are not updates of trained weights -- the
+    counters alone would dominate norms and cosines -- so they never enter a rule: their aggregate is the
+    mean of the clients' statistics with the decision's weights (a rejected client contributes nothing).
+    The strategy hands back global + delta, so SeededFedAvg applies the same server learning rate as
+    everywhere else: global += server.lr * delta. Noise is specified as the std that reaches the global
+    model (the rules add it to the delta, hence the division by server.lr).
     """
 
-    name: ClassVar[str] = "fedavg"
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    @classmethod
+    def check(cls, params: Any, cfg: Config) -> None:
+        """Rules of `params` that involve other config keys; raise `ConfigError` naming the key."""
+
+    @classmethod
+    def options(cls, params: Any, cfg: Config) -> dict[str, Any]:
+        """The constructor's keyword arguments of this defense (beside `SeededFedAvg`'s) for a run."""
+        return dataclasses.asdict(params)
+
+    @classmethod
+    def held_out(cls, params: Any, cfg: Config, test_size: int) -> npt.NDArray[np.int64] | None:
+        """Indices of test images the defense keeps for the server, excluded from evaluation (None: none)."""
+        return None
+
+    def rule(self, updates: RoundUpdates) -> tuple[FloatArray, Decision]:
+        """The aggregate update (d,) of the trained parameters and the decision behind it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement rule(updates)")
 
     def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
-        """Time the rule and record its decision as detection metrics of the round."""
+        """Run the rule on the replies' updates (timed) and record its decision as detection metrics of the round.
+
+        Only clients with a non-zero weight enter the BatchNorm statistics' mean: a rejected client's
+        entries are never read, whatever they hold. A skipped round keeps the global model.
+        """
         record = self.rounds[server_round]
-        clients = [self.partition_of[m.metadata.src_node_id] for m in replies]
-        evidence = self.collect_evidence(replies)
+        clients = tuple(self.partition_of[m.metadata.src_node_id] for m in replies)
+        all_updates = self.client_updates(replies)
+        params = ~bn_statistic_mask(self.global_state)
+        updates = RoundUpdates(server_round, all_updates[:, params], self.example_weights(replies), clients)
         start = time.perf_counter()
-        aggregate, metrics, decision = self.aggregate_rule(server_round, replies)
+        delta_params, decision = self.rule(updates)
         record.extra["aggregation_seconds"] = time.perf_counter() - start
-        if decision is None:
-            decision = self.explain(evidence)
-        if decision is not None:
-            record.extra.update(detection_fields(clients, record.attacking, decision))
-        return aggregate, metrics
+        delta = np.zeros(all_updates.shape[1])
+        if decision.skipped is None:
+            delta[params] = delta_params
+            statistics = decision.statistics_weights if decision.statistics_weights is not None else decision.weights
+            assert statistics is not None, f"{type(self).__name__}.rule returned a decision without weights"
+            used = np.flatnonzero(statistics)
+            delta[~params] = statistics[used] @ all_updates[np.ix_(used, np.flatnonzero(~params))]
+        record.extra.update(detection_fields(list(clients), record.attacking, decision, row_norms(updates.matrix)))
+        return self.model_from_delta(delta), self.train_metrics(replies)
 
-    def aggregate_rule(self, server_round: int,
-                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        """The aggregate client model, the train metrics and the decision (Flower's rule via the MRO)."""
-        aggregate, metrics = super().aggregate_models(server_round, replies)
-        return aggregate, metrics, None
-
-    def collect_evidence(self, replies: list[Message]) -> Any:
-        """Untimed: what `explain` needs, read before a Flower rule consumes the replies."""
-        return None
-
-    def explain(self, evidence: Any) -> Decision | None:
-        """Untimed: the decision of a rule whose `aggregate_rule` does not report one."""
-        return None
-
-    # ---- helpers for rules on client updates (delta_i = local_i - global)
-
-    def client_updates(self, replies: list[Message]) -> np.ndarray:
+    def client_updates(self, replies: list[Message]) -> FloatArray:
         """The float64 update matrix (n_clients, d), entries in the global state's key order."""
         keys = list(self.global_state)
         states = [arrays_to_numpy(m.content.array_records[self.arrayrecord_key]) for m in replies]
         return flatten_state(states, keys) - flatten_state([self.global_state], keys)[0]
 
-    def model_from_delta(self, delta: np.ndarray) -> ArrayRecord:
+    def model_from_delta(self, delta: FloatArray) -> ArrayRecord:
         """Global + delta as an ArrayRecord (float64 for float entries, so no rounding before the server lr)."""
         template = {k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v
                     for k, v in self.global_state.items()}
         base = flatten_state([self.global_state], list(template))[0]
         return numpy_to_arrays(unflatten(base + delta, template))
 
-    def parameter_mask(self) -> np.ndarray:
-        """True on trained parameters, False on BatchNorm statistics (aligned with `client_updates`)."""
-        return ~bn_statistic_mask(self.global_state)
-
-    def example_weights(self, replies: list[Message]) -> np.ndarray:
+    def example_weights(self, replies: list[Message]) -> FloatArray:
         """Each reply's aggregation weight under `server.weighted` (num-examples or 1)."""
         return np.array([float(cast(float, m.content.metric_records[protocol.WEIGHTS][self.weighted_by_key]))
                          for m in replies])
@@ -170,50 +253,3 @@ class DefenseStrategy(SeededFedAvg):
     def train_metrics(self, replies: list[Message]) -> MetricRecord | None:
         """Flower's aggregate of the replies' MetricRecords (as FedAvg reports it)."""
         return self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
-
-
-class DeltaDefense(DefenseStrategy):
-    """A rule on the trained parameters' updates; subclasses implement `rule`.
-
-    Each rule sees the update matrix of the trained parameters (delta_i = local_i - global, one row per
-    sorted reply) and returns an aggregate update and per-client weights. BatchNorm statistics (running
-    mean/var, batch counters) are not updates of trained weights -- the counters alone would dominate
-    norms and cosines -- so they never enter a rule: their aggregate is the weighted mean of the clients'
-    statistics with the rule's weights (a rejected client contributes nothing). The strategy hands back
-    global + delta, so SeededFedAvg applies the same server learning rate as everywhere else:
-    global += server.lr * delta. Noise is specified as the std that reaches the global model (the rules
-    add it to the delta, hence the division by server.lr) and only touches trained parameters.
-    """
-
-    def aggregate_rule(self, server_round: int,
-                       replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None, Decision | None]:
-        """The rule on the parameter updates; BatchNorm statistics follow the rule's client weights.
-
-        Only clients with a non-zero weight enter the statistics' mean: a rejected client's entries are
-        never read, whatever they hold.
-        """
-        updates = self.client_updates(replies)
-        params = self.parameter_mask()
-        delta = np.zeros(updates.shape[1])
-        delta[params], decision = self.rule(server_round, replies, updates[:, params])
-        assert decision.weights is not None
-        used = np.flatnonzero(decision.weights)
-        delta[~params] = decision.weights[used] @ updates[np.ix_(used, np.flatnonzero(~params))]
-        decision.norms = row_norms(updates[:, params])
-        return self.model_from_delta(delta), self.train_metrics(replies), decision
-
-    def rule(self, server_round: int, replies: list[Message], updates: np.ndarray) -> tuple[np.ndarray, Decision]:
-        """(aggregate update, decision with per-client weights) from the parameter update matrix."""
-        raise NotImplementedError
-
-
-
-def noise_rng(seed: int, server_round: int) -> np.random.Generator:
-    """The noise stream of a round (weak DP, FLAME): same seed and round, same noise."""
-    return numpy_rng(seed, server_round, DEFENSE_NOISE)
-
-
-def outcome_decision(outcome: AggregationOutcome, kept: bool = False, scales: bool = False) -> Decision:
-    """The decision of a numpy rule's outcome: its weights, and optionally its client-level choice and scales."""
-    return Decision(weights=outcome.weights, kept=outcome.kept if kept else None,
-                    scales=outcome.arrays["scale"] if scales else None, info=dict(outcome.info))

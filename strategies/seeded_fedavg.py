@@ -16,7 +16,7 @@ from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.federation import protocol
 from flip_fl.federation.failures import no_reply_reason
 from flip_fl.federation.rounds import RoundRecord
-from flip_fl.federation.schedule import RoundSampler
+from flip_fl.schedule import RoundSampler
 
 
 class RoundFailedError(RuntimeError):
@@ -52,7 +52,7 @@ def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
 class SeededFedAvg(FedAvg):
     """FedAvg whose rounds can be repeated exactly and whose update rule is `global += eta * agg_delta`.
 
-    - Sampling: `sampler` (`flip_fl.federation.schedule.RoundSampler`: seeded, ordered by partition id,
+    - Sampling: `sampler` (`flip_fl.schedule.RoundSampler`: seeded, ordered by partition id,
       attackers forced into their attack rounds when configured) instead of Flower's unseeded draw.
     - Roles: each sampled node gets its own ConfigRecord naming its client class and attack flags
       (`flip_fl.federation.protocol.train_config`); `shared_config` goes to every node.

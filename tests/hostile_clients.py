@@ -1,4 +1,4 @@
-"""Client classes that break their replies on purpose, for tests (`--set attack.client=tests.hostile_clients...`)."""
+"""Client classes that break their replies on purpose, for tests (`--set roles.malicious=tests.hostile_clients...`)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ BASE = {
     "data": {"name": "synthetic", "synthetic": {"train_size": 2400, "test_size": 1000}},
     "model": {"name": "tiny_cnn"},
     "federation": {"num_clients": 8, "clients_per_round": 5, "num_rounds": 10},
-    "client": {"batch_size": 32, "lr": 0.05, "local_epochs": 2},
+    "training": {"batch_size": 32, "lr": 0.05, "local_epochs": 2},
     "server": {"lr": 1.0, "weighted": False},
     "attack": {"trigger": "pixel_pattern", "target_label": 2, "poison_fraction": 0.3125, "local_epochs": 4},
 }
@@ -65,7 +65,7 @@ def test_continuous_poisoning_backdoors_without_hurting_clean_accuracy(clean, tm
 def test_single_shot_model_replacement_jumps_then_decays(clean, tmp_path):
     _, checkpoint = clean
     rows = simulate(tmp_path / "single_shot", f"server.initial_model={checkpoint}", "federation.num_rounds=8",
-                    "attack.client=clients.ModelReplacementClient", "attack.scale=auto",
+                    "roles.malicious=clients.ModelReplacementClient", "attack.scale=auto",
                     "attack.mode=single_shot", "attack.start_round=2", "attack.malicious_ids=[0]")
     assert [r["round"] for r in rows if r.get("attack_round")] == [2]
     assert rows[2]["attacking"] == [0] and all(0 not in r["sampled"] for r in rows[1:] if r["round"] != 2)
@@ -82,7 +82,7 @@ def test_norm_bounded_attacker_stays_inside_the_ball(clean, tmp_path):
     eps = 0.5
     out = tmp_path / "norm_bounded"
     rows = simulate(out, f"server.initial_model={checkpoint}", "federation.num_rounds=3",
-                    "federation.clients_per_round=1", "attack.client=clients.NormBoundedClient",
+                    "federation.clients_per_round=1", "roles.malicious=clients.NormBoundedClient",
                     f"attack.norm_bound={eps}", "attack.project_every=5", "attack.malicious_ids=[0]")
     for r in rows[1:]:
         assert r["sampled"] == r["attacking"] == [0]

@@ -28,7 +28,7 @@ BASE = {
     "data": {"name": "synthetic", "synthetic": {"train_size": 240, "test_size": 200}},
     "model": {"name": "tiny_cnn"},
     "federation": {"num_clients": 4, "clients_per_round": 4, "num_rounds": 3},
-    "client": {"batch_size": 32, "lr": 0.05, "local_epochs": 1},
+    "training": {"batch_size": 32, "lr": 0.05, "local_epochs": 1},
     "server": {"lr": 0.5, "weighted": False},
     "attack": {"malicious_ids": [0], "trigger": "dba", "local_epochs": 2},
 }
@@ -201,7 +201,7 @@ def test_outside_its_rounds_an_attacker_trains_honestly(tmp_path):
     info = RoundInfo(server_round=1, malicious=True, attacking=False, attacker_index=0)
     honest = fit(BenignClient, c, tmp_path, info)
     for cls in (PoisonClient, ModelReplacementClient, NormBoundedClient):
-        c2 = cfg("attack.client=clients." + cls.__name__, "attack.norm_bound=0.01") if cls is NormBoundedClient else c
+        c2 = cfg("roles.malicious=clients." + cls.__name__, "attack.norm_bound=0.01") if cls is NormBoundedClient else c
         out = fit(cls, c2, tmp_path, info)
         assert all(torch.equal(out.state[k], honest.state[k]) for k in honest.state), cls.__name__
         assert "attacked" not in out.metrics
@@ -249,7 +249,7 @@ def test_auto_scale_replaces_the_global_model_when_the_others_stand_still(tmp_pa
 @pytest.mark.parametrize("every", [1, 3])
 def test_norm_bounded_update_stays_in_the_ball(tmp_path, plain, every):
     eps = plain.metrics["update_norm"] / 4
-    c = cfg("attack.client=clients.NormBoundedClient", f"attack.norm_bound={eps}", f"attack.project_every={every}")
+    c = cfg("roles.malicious=clients.NormBoundedClient", f"attack.norm_bound={eps}", f"attack.project_every={every}")
     out = fit(NormBoundedClient, c, tmp_path)
     norm = update_norm(global_state(c), out.state)
     assert norm <= eps and norm > 0.99 * eps
@@ -258,7 +258,7 @@ def test_norm_bounded_update_stays_in_the_ball(tmp_path, plain, every):
 
 def test_norm_bounded_leaves_a_small_update_alone(tmp_path, plain):
     eps = 10 * plain.metrics["update_norm"]
-    c = cfg("attack.client=clients.NormBoundedClient", f"attack.norm_bound={eps}", "attack.project_every=1000")
+    c = cfg("roles.malicious=clients.NormBoundedClient", f"attack.norm_bound={eps}", "attack.project_every=1000")
     out = fit(NormBoundedClient, c, tmp_path)
     assert all(torch.equal(out.state[k], plain.state[k]) for k in plain.state)
 
@@ -274,7 +274,7 @@ PAPER = {  # dataset, image shape, model, benign epochs, attacker epochs, poison
     "cifar": ("cifar10", (3, 32, 32), "resnet18", 2, 6, 5, [], 100, [3, 5, 7, 9],
               [(0, 0, 5), (0, 9, 14), (4, 0, 5), (4, 9, 14)]),
 }
-SINGLE_SHOT = ["attack.mode=single_shot", "attack.client=clients.ModelReplacementClient", "attack.scale=100"]
+SINGLE_SHOT = ["attack.mode=single_shot", "roles.malicious=clients.ModelReplacementClient", "attack.scale=100"]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -284,11 +284,11 @@ def test_paper_config_matches_the_setup_table(name):
     assert (c.data.name, c.data.partition, c.data.alpha, c.model.name) == (dataset, "dirichlet", 0.5, model)
     assert c.model.width == (0.5 if model == "resnet18" else 1.0)
     assert (c.federation.num_clients, c.federation.clients_per_round, c.federation.num_rounds) == (100, 10, rounds)
-    assert (c.client.lr, c.client.momentum, c.client.weight_decay, c.client.batch_size, c.client.local_epochs) == (
-        0.1, 0.9, 5e-4, 64, epochs)
+    assert (c.training.lr, c.training.momentum, c.training.weight_decay, c.training.batch_size,
+            c.training.local_epochs) == (0.1, 0.9, 5e-4, 64, epochs)
     assert (c.server.lr, c.server.weighted, c.server.initial_model) == (0.1, False, f"runs/{name}_clean/final_model.pt")
     a = c.attack
-    assert (a.client, len(attack_schedule(c).malicious), a.target_label, a.trigger, a.trigger_args) == (
+    assert (c.roles.malicious, len(attack_schedule(c).malicious), a.target_label, a.trigger, a.trigger_args) == (
         "clients.PoisonClient", 4, 2, "dba", {})
     assert a.poison_fraction * 64 == poisoned
     assert (a.lr, a.momentum, a.weight_decay) == (0.05, 0.9, 5e-4)

@@ -27,7 +27,7 @@ def test_unknown_key_suggests_the_close_one():
 
 @pytest.mark.parametrize("override, key, words", [
     ("federation.num_rounds=2.5", "federation.num_rounds", "expected an integer"),
-    ("client.lr=fast", "client.lr", "expected a number"),
+    ("training.lr=fast", "training.lr", "expected a number"),
     ("data.download=1", "data.download", "expected true or false"),
     ("data.name=imagenet", "data.name", "not allowed"),
     ("attack.malicious_ids=3", "attack.malicious_ids", "expected"),
@@ -38,7 +38,7 @@ def test_wrong_types(override, key, words):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("client.lr=0", "client.lr"), ("client.momentum=1.0", "client.momentum"),
+    ("training.lr=0", "training.lr"), ("training.momentum=1.0", "training.momentum"),
     ("federation.num_clients=0", "federation.num_clients"), ("defense.threshold=1.5", "defense.threshold"),
 ])
 def test_out_of_range(override, key):

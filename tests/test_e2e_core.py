@@ -50,7 +50,7 @@ def test_unweighted_mean_with_server_lr_and_a_custom_client(tmp_path: Path, monk
         "        return result\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = tiny_config("clients.benign=loud_clients.LoudClient", "server.weighted=false", "server.lr=0.5",
+    cfg = tiny_config("roles.benign=loud_clients.LoudClient", "server.weighted=false", "server.lr=0.5",
                       "federation.num_rounds=2")
     run(cfg, tmp_path / "out", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -71,7 +71,7 @@ def test_failing_clients_are_counted_and_a_dead_round_aborts(tmp_path: Path, mon
         "        raise RuntimeError('always broken')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    run(tiny_config("clients.benign=broken_clients.FlakyClient", "federation.num_rounds=2", "server.min_clients=1"),
+    run(tiny_config("roles.benign=broken_clients.FlakyClient", "federation.num_rounds=2", "server.min_clients=1"),
         tmp_path / "f", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
     for row in rows[1:]:
@@ -79,7 +79,7 @@ def test_failing_clients_are_counted_and_a_dead_round_aborts(tmp_path: Path, mon
         assert row["failures"] == len(odd) and row["failed"] == odd
         assert odd and "disk on fire" in row["errors"][0]
     with pytest.raises(SimulationError, match="all 4 sampled clients failed.*always broken"):
-        run(tiny_config("clients.benign=broken_clients.DeadClient"), tmp_path / "d", echo=False)
+        run(tiny_config("roles.benign=broken_clients.DeadClient"), tmp_path / "d", echo=False)
     assert (tmp_path / "d" / "metrics.jsonl").read_text().count("\n") == 1  # round 0 was kept
 
 
@@ -88,7 +88,7 @@ def test_a_hostile_client_through_flower_and_ray_is_a_counted_failure(tmp_path: 
     a failed client with its reason in metrics.jsonl, the run finishes and the global model stays finite."""
     import torch
 
-    cfg = tiny_config("attack.num_malicious=1", "attack.client=tests.hostile_clients.HostileClient",
+    cfg = tiny_config("attack.num_malicious=1", "roles.malicious=tests.hostile_clients.HostileClient",
                       "federation.num_rounds=3")
     summary = run(cfg, tmp_path / "h", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]

@@ -22,10 +22,10 @@ from flip_fl.federation.failures import (
     short_reason,
     summary_lines,
 )
+from flip_fl.federation.loop import exchange
 from flip_fl.federation.observe import RoundWatch
 from flip_fl.federation.protocol import ClientState, FitResult, check_fit_reply, fit_reply, take_state
 from flip_fl.federation.rounds import RoundRecord
-from flip_fl.federation.server_app import exchange
 from strategies.seeded_fedavg import SeededFedAvg
 
 # The reason of a Flower error reply for a client that raised (as seen on 2026-11-30, Flower 1.42, Ray 2.55).
@@ -257,8 +257,8 @@ def test_a_start_up_killed_by_ray_for_memory_is_one_line_with_the_fix(monkeypatc
     import pytest
     from flwr.supercore.task_identity import TaskIdentity
 
+    from flip_fl.federation.loop import discover_partitions
     from flip_fl.federation.runtime import SimulationError
-    from flip_fl.federation.server_app import discover_partitions
 
     class KilledGrid:
         def get_node_ids(self):

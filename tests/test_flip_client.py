@@ -19,8 +19,8 @@ from flip_fl.attacks.poisoning import poison_batch
 from flip_fl.attacks.triggers import build_trigger
 from flip_fl.config import ConfigError
 from flip_fl.data import client_dataset, load_datasets
-from flip_fl.defenses.flip.cache import UNIVERSAL, TriggerCache
-from flip_fl.defenses.flip.round import FlipRound
+from flip_fl.defenses.flip_defense.cache import UNIVERSAL, TriggerCache
+from flip_fl.defenses.flip_defense.round import FlipRound
 from flip_fl.evaluation.evaluator import GlobalEvaluator
 from flip_fl.federation.client import ClientState, RoundInfo
 from flip_fl.federation.protocol import read_state, write_state
@@ -31,10 +31,10 @@ from tests.tiny import tiny_config
 TARGET = 2
 SMALL = ("data.synthetic.image_size=16", "data.synthetic.train_size=2000", "data.synthetic.test_size=400",
          "federation.num_clients=4", "federation.clients_per_round=4", "attack.trigger=pixel_pattern",
-         f"attack.target_label={TARGET}", "flip.samples_per_class=3", "flip.reinit_noise=0.0",
-         "flip.batch_size=64", "flip.local_epochs=1")
-FAST = SMALL + ("flip.warmup_steps=20", "flip.pair_steps=8", "flip.repeat_steps=2", "flip.max_batches=4",
-                "flip.fast.max_steps=20")
+         f"attack.target_label={TARGET}", "flip_defense.samples_per_class=3", "flip_defense.reinit_noise=0.0",
+         "flip_defense.batch_size=64", "flip_defense.local_epochs=1")
+FAST = SMALL + ("flip_defense.warmup_steps=20", "flip_defense.pair_steps=8", "flip_defense.repeat_steps=2",
+                "flip_defense.max_batches=4", "flip_defense.fast.max_steps=20")
 SCHEDULES = ("official", "fast")
 PATCH = (slice(10, 16), slice(10, 16))  # the 3x3 patch at rows/cols 12-14 plus a 2-pixel margin
 CPU = torch.device("cpu")
@@ -88,7 +88,7 @@ def cache_of(state: ClientState) -> TriggerCache:
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_cache_survives_rounds_and_does_not_leak_between_partitions(tmp_path, schedule):
-    cfg = tiny_config(*FAST, f"flip.schedule={schedule}")
+    cfg = tiny_config(*FAST, f"flip_defense.schedule={schedule}")
     g = initial_state(cfg)
     state_a = ClientState()
     first = client(cfg, 0, state_a, tmp_path).fit(g, info(1))
@@ -123,8 +123,9 @@ def test_cache_survives_rounds_and_does_not_leak_between_partitions(tmp_path, sc
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_hardening_keeps_true_labels_in_train_mode(backdoored, tmp_path, monkeypatch, schedule):
-    cfg = tiny_config(*FAST, f"flip.schedule={schedule}", "flip.warmup_steps=60", "flip.pair_steps=20",
-                      "flip.max_mask_fraction=0.1", "flip.fast.warmup_budget=20", "flip.fast.max_steps=60")
+    cfg = tiny_config(*FAST, f"flip_defense.schedule={schedule}", "flip_defense.warmup_steps=60",
+                      "flip_defense.pair_steps=20", "flip_defense.max_mask_fraction=0.1",
+                      "flip_defense.fast.warmup_budget=20", "flip_defense.fast.max_steps=60")
     steps: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
     original = FlipRound.train
 
@@ -159,12 +160,14 @@ def test_hardening_keeps_true_labels_in_train_mode(backdoored, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("schedule, overrides", [
-    ("official", ("flip.warmup_steps=200", "flip.samples_per_class=3", "flip.pair_steps=20", "flip.repeat_steps=5")),
-    ("fast", ("flip.fast.images_per_class=3", "flip.fast.warmup_budget=50", "flip.fast.max_steps=200")),
+    ("official", ("flip_defense.warmup_steps=200", "flip_defense.samples_per_class=3", "flip_defense.pair_steps=20",
+                  "flip_defense.repeat_steps=5")),
+    ("fast", ("flip_defense.fast.images_per_class=3", "flip_defense.fast.warmup_budget=50",
+              "flip_defense.fast.max_steps=200")),
 ])
 def test_client_recovers_the_planted_trigger_and_hardens_against_it(backdoored, tmp_path, schedule, overrides):
-    cfg = tiny_config(*SMALL, f"flip.schedule={schedule}", "flip.max_batches=20", "flip.local_epochs=3",
-                      "flip.max_mask_fraction=0.06", *overrides)
+    cfg = tiny_config(*SMALL, f"flip_defense.schedule={schedule}", "flip_defense.max_batches=20",
+                      "flip_defense.local_epochs=3", "flip_defense.max_mask_fraction=0.06", *overrides)
     state = ClientState()
     result = client(cfg, 0, state, tmp_path).fit(backdoored, info(1))
     cache = cache_of(state)
@@ -180,7 +183,7 @@ def test_client_recovers_the_planted_trigger_and_hardens_against_it(backdoored, 
 
 
 def test_harden_off_trains_like_a_benign_client(tmp_path):
-    cfg = tiny_config(*FAST, "flip.harden=false")
+    cfg = tiny_config(*FAST, "flip_defense.harden=false")
     g = initial_state(cfg)
     flip = client(cfg, 0, ClientState(), tmp_path).fit(g, info(3))
     plain = client(cfg, 0, ClientState(), tmp_path, cls=BenignClient).fit(g, info(3))
@@ -202,7 +205,7 @@ def test_cache_keeps_the_most_recent_pair_triggers():
 
 
 def test_flip_defaults_are_the_paper_mnist_values_and_bad_values_are_rejected():
-    f = tiny_config().flip
+    f = tiny_config().flip_defense
     assert f.schedule == "fast"
     assert (f.warmup_steps, f.pair_steps, f.repeat_steps, f.repeat_cost, f.pair_every, f.explore) == (
         400, 200, 50, 1e-2, 2, 0.3)
@@ -210,11 +213,15 @@ def test_flip_defaults_are_the_paper_mnist_values_and_bad_values_are_rejected():
     assert (f.success_threshold, f.max_mask_fraction, f.init_cost, f.portion) == (0.9, 0.125, 1e-3, 0.5)
     assert (f.lr, f.betas, f.local_epochs, f.max_batches, f.symmetric, f.harden) == (
         0.01, [0.5, 0.9], 10, 110, True, True)
-    for override, message in [("flip.betas=[0.5]", "flip.betas"), ("flip.betas=[0.5, 1.0]", "flip.betas"),
-                              ("flip.portion=0", "flip.portion"), ("flip.pair_every=0", "flip.pair_every"),
-                              ("flip.max_mask_fraction=1.5", "flip.max_mask_fraction"),
-                              ("flip.explore=1.2", "flip.explore"), ("flip.pair_steps=0", "flip.pair_steps"),
-                              ("flip.schedule=slow", "flip.schedule"), ("flip.fast.budget=0", "flip.fast.budget"),
-                              ("flip.fast.min_steps=0", "flip.fast.min_steps")]:
+    for override, message in [("flip_defense.betas=[0.5]", "flip_defense.betas"),
+                              ("flip_defense.betas=[0.5, 1.0]", "flip_defense.betas"),
+                              ("flip_defense.portion=0", "flip_defense.portion"),
+                              ("flip_defense.pair_every=0", "flip_defense.pair_every"),
+                              ("flip_defense.max_mask_fraction=1.5", "flip_defense.max_mask_fraction"),
+                              ("flip_defense.explore=1.2", "flip_defense.explore"),
+                              ("flip_defense.pair_steps=0", "flip_defense.pair_steps"),
+                              ("flip_defense.schedule=slow", "flip_defense.schedule"),
+                              ("flip_defense.fast.budget=0", "flip_defense.fast.budget"),
+                              ("flip_defense.fast.min_steps=0", "flip_defense.fast.min_steps")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(override)

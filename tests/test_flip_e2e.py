@@ -27,10 +27,10 @@ pytestmark = pytest.mark.e2e  # real Flower + Ray simulations / command-line sub
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG = CONFIGS / "synthetic_flip.yaml"
 DIGITS = CONFIGS / "digits_flip.yaml"
-NO_DEFENSE = ("clients.benign=clients.BenignClient",)
-CONVERGE = ("clients.benign=clients.BenignClient", "attack.num_malicious=0", "server.initial_model=null",
+NO_DEFENSE = ("roles.benign=clients.BenignClient",)
+CONVERGE = ("roles.benign=clients.BenignClient", "attack.num_malicious=0", "server.initial_model=null",
             "server.lr=1.0", "federation.num_rounds=20")  # step (1) of the config header
-SINGLE_SHOT = ("attack.client=clients.ModelReplacementClient", "attack.mode=single_shot", "attack.start_round=2",
+SINGLE_SHOT = ("roles.malicious=clients.ModelReplacementClient", "attack.mode=single_shot", "attack.start_round=2",
                "attack.scale=auto", "defense.threshold=0", "federation.num_rounds=5")
 
 

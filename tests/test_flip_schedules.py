@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from flip_fl.data import ImageDataset
-from flip_fl.defenses.flip.cache import UNIVERSAL, TriggerCache
-from flip_fl.defenses.flip.fast import candidate_directions, fast_round, hardening_triggers, inversion_steps
-from flip_fl.defenses.flip.hardening import stamp_counts
-from flip_fl.defenses.flip.inversion import InversionResult
-from flip_fl.defenses.flip.official import official_round, open_window
-from flip_fl.defenses.flip.round import FlipRound, RoundStreams, hardening_images
+from flip_fl.defenses.flip_defense.cache import UNIVERSAL, TriggerCache
+from flip_fl.defenses.flip_defense.fast import candidate_directions, fast_round, hardening_triggers, inversion_steps
+from flip_fl.defenses.flip_defense.hardening import stamp_counts
+from flip_fl.defenses.flip_defense.inversion import InversionResult
+from flip_fl.defenses.flip_defense.official import official_round, open_window
+from flip_fl.defenses.flip_defense.round import FlipRound, RoundStreams, hardening_images
 from tests.tiny import tiny_config
 
 N_CLASSES, PER_CLASS, SIDE = 10, 10, 8
@@ -59,12 +59,12 @@ class Recorder:
 
 
 def make_round(*overrides: str, cache: TriggerCache | None = None, seed: int = 0) -> FlipRound:
-    cfg = tiny_config("flip.batch_size=100", "flip.local_epochs=30", "flip.max_batches=16", "flip.portion=0.5",
-                      *overrides)
+    cfg = tiny_config("flip_defense.batch_size=100", "flip_defense.local_epochs=30", "flip_defense.max_batches=16",
+                      "flip_defense.portion=0.5", *overrides)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIDE * SIDE, N_CLASSES))
     streams = RoundStreams(*(torch.Generator().manual_seed(seed + i) for i in range(3)),
                            pairs=np.random.default_rng(seed))
-    return FlipRound(model, torch.optim.SGD(model.parameters(), lr=0.0), dataset(), cfg.flip,
+    return FlipRound(model, torch.optim.SGD(model.parameters(), lr=0.0), dataset(), cfg.flip_defense,
                      cache or TriggerCache(num_classes=N_CLASSES), torch.device("cpu"), streams, 100)
 
 
@@ -79,7 +79,8 @@ def recorder(monkeypatch):
 
 
 def test_official_warm_up_inverts_one_target_per_batch_uncapped_on_size_min_images(recorder):
-    r = make_round("flip.schedule=official", "flip.samples_per_class=1", "flip.size_min=1", "flip.warmup_steps=400")
+    r = make_round("flip_defense.schedule=official", "flip_defense.samples_per_class=1", "flip_defense.size_min=1",
+                   "flip_defense.warmup_steps=400")
     official_round(r, warm_up=True)
     warm = recorder.calls[:N_CLASSES]
     assert [c["targets"] for c in warm] == [[t] for t in range(N_CLASSES)]
@@ -91,8 +92,8 @@ def test_official_warm_up_inverts_one_target_per_batch_uncapped_on_size_min_imag
 
 
 def test_official_pairs_new_every_batch_for_ten_batches_then_every_two(recorder):
-    r = make_round("flip.schedule=official", "flip.explore=1.0", "flip.pair_steps=200", "flip.repeat_steps=50",
-                   "flip.repeat_cost=0.01", "flip.init_cost=0.001")
+    r = make_round("flip_defense.schedule=official", "flip_defense.explore=1.0", "flip_defense.pair_steps=200",
+                   "flip_defense.repeat_steps=50", "flip_defense.repeat_cost=0.01", "flip_defense.init_cost=0.001")
     official_round(r, warm_up=False)
     calls = recorder.calls
     assert len(calls) == 16  # every batch holds both classes of its pair: one symmetric call each
@@ -110,7 +111,8 @@ def test_official_pairs_new_every_batch_for_ten_batches_then_every_two(recorder)
 def test_official_repeat_after_a_failure_runs_the_full_inversion_again(monkeypatch):
     rec = Recorder(succeed=lambda call, k: not (call == 10 and k == 1))  # batch 10's t->s direction fails
     monkeypatch.setattr(FlipRound, "invert", lambda self, *a, **k: rec(self, *a, **k))
-    r = make_round("flip.schedule=official", "flip.explore=1.0", "flip.pair_steps=200", "flip.repeat_steps=50")
+    r = make_round("flip_defense.schedule=official", "flip_defense.explore=1.0", "flip_defense.pair_steps=200",
+                   "flip_defense.repeat_steps=50")
     official_round(r, warm_up=False)
     assert [(c["steps"], c["cost"]) for c in rec.calls[10:14]] == [(200, 0.001), (200, 0.001), (200, 0.001), (50, 0.01)]
 
@@ -120,7 +122,8 @@ def test_official_exploits_the_smallest_known_pair_with_a_new_source(recorder):
     cache.mask_sizes[:] = 50.0
     cache.mask_sizes[3, 7] = 1.0
     cache.mask_sizes[4, 7] = 2.0
-    r = make_round("flip.schedule=official", "flip.explore=0.0", "flip.symmetric=false", cache=cache)
+    r = make_round("flip_defense.schedule=official", "flip_defense.explore=0.0", "flip_defense.symmetric=false",
+                   cache=cache)
     official_round(r, warm_up=False)
     sources = [c["targets"] for c in recorder.calls[:3]]
     assert sources == [[7], [7], [7]]  # always target 7 ...
@@ -133,12 +136,12 @@ def test_official_exploits_the_smallest_known_pair_with_a_new_source(recorder):
 def test_official_window_choice_avoids_the_last_source_and_explores():
     cache = TriggerCache(num_classes=N_CLASSES)
     cache.mask_sizes[3, 7], cache.mask_sizes[4, 7] = 1.0, 2.0
-    r = make_round("flip.explore=0.0", cache=cache)
+    r = make_round("flip_defense.explore=0.0", cache=cache)
     first = open_window(r, list(range(N_CLASSES)), None)
     assert (first.source, first.target, first.steps, first.cost) == (3, 7, r.flip.pair_steps, r.flip.init_cost)
     assert (open_window(r, list(range(N_CLASSES)), first).source, first.target) == (4, 7)
     assert open_window(r, [3], first) is None  # no other source present: the batch is skipped
-    r = make_round("flip.explore=1.0", cache=cache)
+    r = make_round("flip_defense.explore=1.0", cache=cache)
     picks = {(w.source, w.target) for w in (open_window(r, [5, 6], None) for _ in range(200))}
     assert {s for s, _ in picks} == {5, 6} and len(picks) > 10 and all(s != t for s, t in picks)
 
@@ -168,7 +171,7 @@ def test_hardening_images_and_the_budget_in_steps():
     assert hardening_images(100, 64, 10, 3) == 64 + 36 + 64  # one full epoch, then one batch
     assert hardening_images(248, 64, 10, 110) == 2480  # 40 batches: under the cap
     assert hardening_images(0, 64, 10, 110) == 0
-    fast = tiny_config().flip.fast
+    fast = tiny_config().flip_defense.fast
     assert inversion_steps(fast, False, 2480, 95) == int(fast.budget * 2480 / 95)
     assert inversion_steps(fast, True, 2480, 95) == min(fast.max_steps, int(fast.warmup_budget * 2480 / 95))
     assert inversion_steps(fast, False, 10, 95) == fast.min_steps
@@ -190,7 +193,7 @@ def test_fast_candidates_are_every_universal_target_the_smallest_pairs_and_rando
 
 
 def test_fast_round_inverts_once_and_hardens_every_batch_with_the_cached_triggers(recorder):
-    r = make_round("flip.fast.pairs=2", "flip.fast.explore_pairs=1")
+    r = make_round("flip_defense.fast.pairs=2", "flip_defense.fast.explore_pairs=1")
     fast_round(r, warm_up=True)
     assert len(recorder.calls) == 1
     call = recorder.calls[0]
@@ -206,7 +209,7 @@ def test_fast_round_inverts_once_and_hardens_every_batch_with_the_cached_trigger
 
 
 def test_fast_hardening_skips_cached_triggers_over_the_cap():
-    r = make_round("flip.max_mask_fraction=0.1")  # cap 6.4 px on 8x8
+    r = make_round("flip_defense.max_mask_fraction=0.1")  # cap 6.4 px on 8x8
     r.cache.record(UNIVERSAL, 1, np.full((1, SIDE, SIDE), 0.05, np.float32), np.ones((1, SIDE, SIDE), np.float32), 3.2)
     r.cache.record(UNIVERSAL, 2, np.full((1, SIDE, SIDE), 0.5, np.float32), np.ones((1, SIDE, SIDE), np.float32), 32.0)
     masks, _, sources = hardening_triggers(r)

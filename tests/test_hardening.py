@@ -1,4 +1,4 @@
-"""Tests for flip_fl.defenses.flip: harden_batch, stamp_counts and TriggerCache."""
+"""Tests for flip_fl.defenses.flip_defense: harden_batch, stamp_counts and TriggerCache."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from flip_fl.defenses.flip.cache import UNIVERSAL, TriggerCache
-from flip_fl.defenses.flip.hardening import harden_batch
-from flip_fl.defenses.flip.inversion import stamp
+from flip_fl.defenses.flip_defense.cache import UNIVERSAL, TriggerCache
+from flip_fl.defenses.flip_defense.hardening import harden_batch
+from flip_fl.defenses.flip_defense.inversion import stamp
 
 C, H, W = 3, 6, 6
 

@@ -1,4 +1,4 @@
-"""Tests for flip_fl.defenses.flip.inversion (CPU, toy data, a few seconds).
+"""Tests for flip_fl.defenses.flip_defense.inversion (CPU, toy data, a few seconds).
 
 A small CNN is trained for a few hundred Adam steps on 10 classes of noisy, smooth
 class-prototype images (1 x 16 x 16).  The poisoned variant relabels 10 % of the training
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flip_fl.defenses.flip.inversion import (
+from flip_fl.defenses.flip_defense.inversion import (
     InversionResult,
     InversionSettings,
     invert_triggers,

@@ -21,8 +21,9 @@ from tests.tiny import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("data.synthetic.train_size=300", "data.synthetic.test_size=100", "data.synthetic.image_size=16",
          "attack.trigger=sinusoidal", "attack.trigger_args={amplitude: 0.1, frequency: 4}",
-         "labels.expert_epochs=2", "labels.batch_size=64", "labels.checkpoint_every=3", "labels.augment=false",
-         "labels.passes=1", "labels.budgets=[10, 0.1]", "labels.user_epochs=1", "labels.random_baseline=true")
+         "flip_labels.expert_epochs=2", "flip_labels.batch_size=64", "flip_labels.checkpoint_every=3",
+         "flip_labels.augment=false", "flip_labels.passes=1", "flip_labels.budgets=[10, 0.1]",
+         "flip_labels.user_epochs=1", "flip_labels.random_baseline=true")
 
 
 def test_stages_write_outputs_and_resume(tmp_path: Path):
@@ -70,7 +71,7 @@ def test_label_file_is_sliced_to_the_partition(tmp_path: Path):
     poisoned = (train.labels.numpy() + 1) % 10
     path = tmp_path / "labels.npy"
     np.save(path, poisoned)
-    cfg = tiny_config(*SMALL, f"labels.label_file={path}", "attack.client=clients.FlipLabelClient",
+    cfg = tiny_config(*SMALL, f"flip_labels.label_file={path}", "roles.malicious=clients.FlipLabelClient",
                       "attack.num_malicious=1")
     FlipLabelClient.check_config(cfg)
     client = FlipLabelClient(cfg, 3, client_dataset(cfg, 3), torch.device("cpu"), ClientState(), tmp_path / "w")
@@ -80,14 +81,14 @@ def test_label_file_is_sliced_to_the_partition(tmp_path: Path):
     assert result.metrics["flipped_labels"] == len(client_indices(cfg, 3))
 
     np.save(path, poisoned[:10])
-    with pytest.raises(ConfigError, match="labels.label_file: .* expected 300 integer labels"):
+    with pytest.raises(ConfigError, match="flip_labels.label_file: .* expected 300 integer labels"):
         FlipLabelClient.check_config(cfg)
-    with pytest.raises(ConfigError, match="labels.label_file: file not found"):
-        FlipLabelClient.check_config(tiny_config(*SMALL, "labels.label_file=/nonexistent.npy"))
+    with pytest.raises(ConfigError, match="flip_labels.label_file: file not found"):
+        FlipLabelClient.check_config(tiny_config(*SMALL, "flip_labels.label_file=/nonexistent.npy"))
 
 
 def test_attacker_computes_and_caches_its_own_labels(tmp_path: Path):
-    cfg = tiny_config(*SMALL, "labels.client_budget=0.2", "attack.client=clients.FlipLabelClient",
+    cfg = tiny_config(*SMALL, "flip_labels.client_budget=0.2", "roles.malicious=clients.FlipLabelClient",
                       "attack.num_malicious=1")
     data = client_dataset(cfg, 0)
     client = FlipLabelClient(cfg, 0, data, torch.device("cpu"), ClientState(), tmp_path / "w")
@@ -103,7 +104,7 @@ def test_flips_concentrate_on_the_source_class_and_report_the_controls(tmp_path:
     images, so PTA grows with the budget and beats the same number of random flips to the target.
     The same-class control and PTA without the trigger are reported next to it: on this synthetic
     data they show that the PTA is class confusion rather than a backdoor (docs/LABELS.md)."""
-    cfg = load_config(ROOT / "configs" / "flip_labels_synthetic.yaml", ["labels.budgets=[30, 150]"])
+    cfg = load_config(ROOT / "configs" / "flip_labels_synthetic.yaml", ["flip_labels.budgets=[30, 150]"])
     train, test = load_datasets(cfg)
     run_stages(cfg, train, test, tmp_path, ["experts", "labels", "flips", "user"], log=lambda line: None)
     with (tmp_path / "user" / "results.csv").open() as fh:
@@ -118,8 +119,8 @@ def test_flips_concentrate_on_the_source_class_and_report_the_controls(tmp_path:
 
 
 def test_soft_labels_are_one_label_set_whatever_the_budgets(tmp_path: Path):
-    """With labels.soft every user model would train on the same soft labels: one row, not one per budget."""
-    cfg = tiny_config(*SMALL, "labels.soft=true", "labels.alpha=0.2")
+    """With flip_labels.soft every user model would train on the same soft labels: one row, not one per budget."""
+    cfg = tiny_config(*SMALL, "flip_labels.soft=true", "flip_labels.alpha=0.2")
     train, test = load_datasets(cfg)
     lines: list[str] = []
     rows = run_stages(cfg, train, test, tmp_path, ["experts", "labels", "flips", "user"], log=lines.append)

@@ -16,11 +16,11 @@ import torch
 from flip_fl.config import Config, ConfigError
 from flip_fl.experiments.run import execute, prepare
 from flip_fl.federation.checkpoint import load_checkpoint, save_checkpoint
-from flip_fl.federation.server_app import RunInterrupted
+from flip_fl.federation.loop import RunInterrupted
 from tests.inprocess import LocalGrid
 from tests.tiny import tiny_config
 
-STATEFUL = ("clients.benign=tests.fake_clients.CountingClient", "defense.name=foolsgold",
+STATEFUL = ("roles.benign=tests.fake_clients.CountingClient", "defense.name=foolsgold",
             "data.synthetic.test_size=50", "federation.num_rounds=6", "federation.clients_per_round=3")
 
 
@@ -83,11 +83,12 @@ def test_stop_then_resume_gives_the_uninterrupted_run(reference, tmp_path, every
     assert all(torch.equal(model(out)[k], v) for k, v in model(reference).items())
 
 
-FLIP = ("clients.benign=clients.FlipDefenseClient", "defense.name=foolsgold", "attack.num_malicious=1",
+FLIP = ("roles.benign=clients.FlipDefenseClient", "defense.name=foolsgold", "attack.num_malicious=1",
         "attack.force_sampled=true", "data.synthetic.image_size=16", "data.synthetic.train_size=1200",
         "data.synthetic.test_size=100", "federation.clients_per_round=3", "federation.num_rounds=3",
-        "client.local_epochs=1", "flip.schedule=fast", "flip.batch_size=32", "flip.local_epochs=1",
-        "flip.max_batches=2", "flip.fast.min_steps=2", "flip.fast.max_steps=3", "flip.fast.pairs=1")
+        "training.local_epochs=1", "flip_defense.schedule=fast", "flip_defense.batch_size=32",
+        "flip_defense.local_epochs=1", "flip_defense.max_batches=2", "flip_defense.fast.min_steps=2",
+        "flip_defense.fast.max_steps=3", "flip_defense.fast.pairs=1")
 
 
 def test_a_flip_defended_foolsgold_run_resumes_with_its_trigger_caches_and_histories(tmp_path):

@@ -9,9 +9,10 @@ import pytest
 from flip_fl.experiments.plots import comparison_figure, describe_run, plot_run, run_figure
 
 CFG = {"seed": 3, "data": {"name": "synthetic"}, "model": {"name": "tiny_cnn"}, "federation": {"num_clients": 10},
-       "attack": {"client": "clients.PoisonClient", "mode": "continuous", "trigger": "turner", "target_label": 2,
+       "attack": {"mode": "continuous", "trigger": "turner", "target_label": 2,
                   "num_malicious": 1},
-       "defense": {"name": "fedavg", "threshold": 0.3}, "clients": {"benign": "clients.FlipDefenseClient"}}
+       "defense": {"name": "fedavg", "threshold": 0.3},
+       "roles": {"benign": "clients.FlipDefenseClient", "malicious": "clients.PoisonClient"}}
 
 
 def rows(tau_rejects: float = 0.02) -> list[dict]:

@@ -36,7 +36,7 @@ def piped_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     (work / "broken_clients.py").write_text(BROKEN)
     cfg = json.loads(json.dumps(TINY))
     cfg["federation"] = {"num_clients": 4, "clients_per_round": 4, "num_rounds": 3}
-    cfg["clients"] = {"benign": "broken_clients.OneBrokenClient"}
+    cfg["roles"] = {"benign": "broken_clients.OneBrokenClient"}
     cfg["attack"] = {"num_malicious": 1, "malicious_ids": [2], "poison_fraction": 0.5}
     cfg["results"] = {"tensorboard": True}
     cfg["server"] = {"validation_size": 100}

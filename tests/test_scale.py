@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flip_fl.config import attack_schedule, max_attackers_per_round
-from flip_fl.federation.schedule import RoundWindow, due_counts
+from flip_fl.schedule import RoundWindow, due_counts
 from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +74,9 @@ def measure(messages):
         gc.collect()
         marks[done] = {"rss_mb": rss_mb(), "objects": len(gc.get_objects())}
 
-cfg = tiny_config("clients.benign=tests.fake_clients.CountingClient", "federation.num_rounds=2001",
+cfg = tiny_config("roles.benign=tests.fake_clients.CountingClient", "federation.num_rounds=2001",
                   "federation.clients_per_round=3", "data.synthetic.train_size=120", "data.synthetic.test_size=10",
-                  "attack.num_malicious=1", "attack.client=tests.fake_clients.CountingClient", "checkpoint.every=10")
+                  "attack.num_malicious=1", "roles.malicious=tests.fake_clients.CountingClient", "checkpoint.every=10")
 execute(LocalGrid(6, on_push=measure), prepare(cfg, Path(sys.argv[1])))
 print(json.dumps(marks))
 """

@@ -102,7 +102,7 @@ def test_an_unavailable_attacker_is_not_forced():
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar"])
 def test_paper_configs_never_run_short_of_benign_clients(name):
-    for overrides in ([], ["attack.mode=single_shot", "attack.client=clients.ModelReplacementClient",
+    for overrides in ([], ["attack.mode=single_shot", "roles.malicious=clients.ModelReplacementClient",
                            "attack.scale=100", "attack.rounds=[2, 4, 6, 8]"]):
         c = load_config(f"configs/{name}.yaml", overrides)
         bad = set(attack_schedule(c).malicious)

@@ -26,11 +26,11 @@ TINY = {
     "data": {"name": "synthetic", "synthetic": {"train_size": 800, "test_size": 200}},
     "model": {"name": "tiny_cnn"},
     "federation": {"num_clients": 8, "clients_per_round": 7, "num_rounds": 2},
-    "client": {"batch_size": 32, "lr": 0.05, "local_epochs": 1},
+    "training": {"batch_size": 32, "lr": 0.05, "local_epochs": 1},
     "attack": {"num_malicious": 1, "poison_fraction": 0.5},
     "defense": {"root_size": 50},
 }
-SINGLE_SHOT = {"attack.mode": ["single_shot"], "attack.client": ["clients.ModelReplacementClient"],
+SINGLE_SHOT = {"attack.mode": ["single_shot"], "roles.malicious": ["clients.ModelReplacementClient"],
                "attack.scale": ["auto"]}
 
 
@@ -52,7 +52,7 @@ def test_grid_union_names_labels_and_rows(tmp_path: Path):
     ])
     sweep = load_sweep(spec, ["federation.num_rounds=3"])
     assert len(sweep.points) == 9 and all(p.cfg.federation.num_rounds == 3 for p in sweep.points)
-    assert sweep.points[0].name == ("attack.mode=single_shot__attack.client=clients.ModelReplacementClient__"
+    assert sweep.points[0].name == ("attack.mode=single_shot__roles.malicious=clients.ModelReplacementClient__"
                                     "attack.scale=auto__defense.name=fedavg__seed=0")
     assert sweep.row_keys == ["defense.name", "defense.threshold"]
     assert sweep.points[-1].label == "tau" and sweep.points[-1].cfg.defense.threshold == 0.3
@@ -159,14 +159,14 @@ def test_tiny_sweep_over_every_defense_and_both_attack_modes(tmp_path: Path):
 
 
 def test_cost_ratios_are_filled_for_every_row_relative_to_the_undefended_run(tmp_path: Path):
-    """The grid also varies clients.benign (FLIP rows): every row still gets its '× undefended' ratios."""
+    """The grid also varies roles.benign (FLIP rows): every row still gets its '× undefended' ratios."""
     sweep = load_sweep(write_spec(tmp_path / "s.yaml", {
         "attack.mode": ["continuous"], "defense.name": ["fedavg", "krum"],
-        "clients.benign": ["clients.BenignClient", "clients.FlipDefenseClient"], "seed": [0]}))
+        "roles.benign": ["clients.BenignClient", "clients.FlipDefenseClient"], "seed": [0]}))
     runs = tmp_path / "out" / "runs"
     for p in sweep.points:
         fake_run(runs / p.name, p.cfg, acc=0.9, asr=0.5)
-        slower = (3.0 if p.cfg.defense.name == "krum" else 1.0) * (2.0 if "Flip" in p.cfg.clients.benign else 1.0)
+        slower = (3.0 if p.cfg.defense.name == "krum" else 1.0) * (2.0 if "Flip" in p.cfg.roles.benign else 1.0)
         path = runs / p.name / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         for row in rows:
@@ -179,10 +179,10 @@ def test_cost_ratios_are_filled_for_every_row_relative_to_the_undefended_run(tmp
     lines = [line for line in cost.splitlines() if line.startswith("| ") and not line.startswith("| Defense")]
     assert len(lines) == 4 and "—" not in cost and "no undefended run" not in cost
     ratios = {line.split(" | ")[0][2:]: (line.split(" | ")[3], line.split(" | ")[5].rstrip(" |")) for line in lines}
-    assert ratios == {"fedavg, clients.benign=clients.BenignClient": ("1.0", "1.00"),
-                      "krum, clients.benign=clients.BenignClient": ("3.0", "3.00"),
-                      "fedavg, clients.benign=clients.FlipDefenseClient": ("2.0", "2.00"),
-                      "krum, clients.benign=clients.FlipDefenseClient": ("6.0", "6.00")}
+    assert ratios == {"fedavg, roles.benign=clients.BenignClient": ("1.0", "1.00"),
+                      "krum, roles.benign=clients.BenignClient": ("3.0", "3.00"),
+                      "fedavg, roles.benign=clients.FlipDefenseClient": ("2.0", "2.00"),
+                      "krum, roles.benign=clients.FlipDefenseClient": ("6.0", "6.00")}
 
 
 def test_sweep_clock_counts_runs_and_estimates_the_rest():

@@ -12,7 +12,7 @@ TINY = {
     "data": {"name": "synthetic", "synthetic": {"train_size": 2400, "test_size": 300}},
     "model": {"name": "tiny_cnn"},
     "federation": {"num_clients": 6, "clients_per_round": 4, "num_rounds": 3},
-    "client": {"batch_size": 32, "lr": 0.05, "local_epochs": 2},
+    "training": {"batch_size": 32, "lr": 0.05, "local_epochs": 2},
 }
 
 

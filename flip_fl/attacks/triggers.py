@@ -266,6 +266,7 @@ class _MaskedPatternTrigger(Trigger):
 # triggers
 
 
+@TRIGGERS.register("pixel_pattern")
 class PixelPatternTrigger(_MaskedPatternTrigger):
     """BadNets patch: a `size` rectangle whose top-left pixel is (`row`, `col`).
 
@@ -276,7 +277,6 @@ class PixelPatternTrigger(_MaskedPatternTrigger):
         value: fill value in [0, 1], a scalar for all channels or one per channel. Default 1.0.
     """
 
-    name = "pixel_pattern"
 
     def __init__(
         self,
@@ -304,6 +304,7 @@ class PixelPatternTrigger(_MaskedPatternTrigger):
         self.row, self.col, self.size = row, col, (height, width)
 
 
+@TRIGGERS.register("dba")
 class DBATrigger(_MaskedPatternTrigger):
     """Distributed backdoor trigger (Xie et al. 2020) as used by the FLIP defense.
 
@@ -321,7 +322,6 @@ class DBATrigger(_MaskedPatternTrigger):
     Any other size needs explicit `rows` and `cols`. Pieces must not overlap.
     """
 
-    name = "dba"
 
     def __init__(
         self,
@@ -370,6 +370,7 @@ class DBATrigger(_MaskedPatternTrigger):
         self.rows, self.cols = tuple(rows_i), tuple(ranges)
 
 
+@TRIGGERS.register("blended")
 class BlendedTrigger(Trigger):
     """Blended trigger: `x' = (1 - alpha) * x + alpha * pattern` on every pixel.
 
@@ -381,7 +382,6 @@ class BlendedTrigger(Trigger):
         seed: seed of the random pattern. Default 0.
     """
 
-    name = "blended"
     PATTERNS = ("random", "checkerboard")
 
     def __init__(
@@ -422,6 +422,7 @@ class BlendedTrigger(Trigger):
         return torch.lerp(x, p.expand_as(x), self.alpha)
 
 
+@TRIGGERS.register("sinusoidal")
 class SinusoidalTrigger(Trigger):
     """Additive sinusoid (FLIP label attack "s", after Barni et al. 2019).
 
@@ -433,7 +434,6 @@ class SinusoidalTrigger(Trigger):
         frequency: number of periods across the width. Default 8 (the paper's 16*pi).
     """
 
-    name = "sinusoidal"
 
     def __init__(
         self, image_shape: tuple[int, int, int], amplitude: float = 6 / 255, frequency: float = 8
@@ -457,6 +457,7 @@ class SinusoidalTrigger(Trigger):
         return x + self.signal.to(device=x.device, dtype=x.dtype)
 
 
+@TRIGGERS.register("turner")
 class TurnerTrigger(_MaskedPatternTrigger):
     """The FLIP label code's Turner trigger ("t", after Turner et al.'s clean-label attack).
 
@@ -472,7 +473,6 @@ class TurnerTrigger(_MaskedPatternTrigger):
             (`4xl`: the same pattern mirrored into the other three corners, as the code's `all-corners`).
     """
 
-    name = "turner"
     CORNERS = ("bottom_right", "all")
 
     def __init__(self, image_shape: tuple[int, int, int], corners: str = "bottom_right"):
@@ -494,6 +494,7 @@ class TurnerTrigger(_MaskedPatternTrigger):
         self.corners = corners
 
 
+@TRIGGERS.register("pixel")
 class PixelTrigger(Trigger):
     """The FLIP label code's pixel trigger ("p"): coloured single pixels (`FLIP_LABEL_PIXELS`).
 
@@ -510,7 +511,6 @@ class PixelTrigger(Trigger):
     The pixels need images of at least 28 rows and 31 columns for `count` 3 (CIFAR size).
     """
 
-    name = "pixel"
     STAMPS = ("one", "all")
 
     def __init__(self, image_shape: tuple[int, int, int], count: int = 3, stamp: str = "one", seed: int = 0):
@@ -548,6 +548,7 @@ class PixelTrigger(Trigger):
         return out
 
 
+@TRIGGERS.register("fixed_pixels")
 class FixedPixelsTrigger(_MaskedPatternTrigger):
     """Single pixels set to fixed colours, all stamped on every image (`pixel` is the FLIP code's own trigger).
 
@@ -560,7 +561,6 @@ class FixedPixelsTrigger(_MaskedPatternTrigger):
     A pixel outside the image raises ValueError (the defaults need at least 28 rows and 31 columns).
     """
 
-    name = "fixed_pixels"
 
     def __init__(
         self,
@@ -596,32 +596,27 @@ class FixedPixelsTrigger(_MaskedPatternTrigger):
 # --------------------------------------------------------------------------------------------
 # registry and factory
 
-for _cls in (PixelPatternTrigger, DBATrigger, BlendedTrigger, SinusoidalTrigger, TurnerTrigger, PixelTrigger,
-             FixedPixelsTrigger):
-    TRIGGERS.add(_cls.name, _cls)
-
-
-def trigger_params(name: str) -> list[str]:
-    """Names of the keyword arguments trigger `name` accepts."""
-    params = inspect.signature(TRIGGERS[name].__init__).parameters
+def trigger_params(cls: type[Trigger]) -> list[str]:
+    """Names of the keyword arguments trigger class `cls` accepts."""
+    params = inspect.signature(cls.__init__).parameters
     return [p for p in params if p not in ("self", "image_shape")]
 
 
 def create_trigger(name: str, image_shape: tuple[int, int, int], **kwargs: Any) -> Trigger:
-    """Build trigger `name` for images of shape `(C, H, W)`.
+    """Build trigger `name` (a registered name or a dotted path to a `Trigger` subclass) for images `(C, H, W)`.
 
-    Raises ValueError for an unknown name, an unknown or invalid keyword argument, or geometry
+    Raises ConfigError for an unknown name, ValueError for an unknown or invalid keyword argument, or geometry
     that falls outside the image.
     """
-    if name not in TRIGGERS:
-        raise ValueError(f"unknown trigger {name!r}; valid triggers: {sorted(TRIGGERS)}")
-    accepted = trigger_params(name)
+    cls = TRIGGERS.lookup(name)
+    accepted = trigger_params(cls)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(
             f"unknown parameter(s) {unknown} for trigger {name!r}; accepted: {accepted}"
         )
-    return TRIGGERS[name](image_shape, **kwargs)
+    trigger: Trigger = cls(image_shape, **kwargs)
+    return trigger
 
 
 def build_trigger(attack: AttackConfig, image_shape: tuple[int, int, int]) -> Trigger:
@@ -631,6 +626,7 @@ def build_trigger(attack: AttackConfig, image_shape: tuple[int, int, int]) -> Tr
     """
     try:
         return create_trigger(attack.trigger, image_shape, **attack.trigger_args)
+    except ConfigError:
+        raise
     except (ValueError, TypeError, OverflowError, RuntimeError) as err:  # wrong types and sizes are bad args too
-        key = "attack.trigger" if "unknown trigger" in str(err) else "attack.trigger_args"
-        raise ConfigError(f"{key}: {err}") from None
+        raise ConfigError(f"attack.trigger_args: {err}") from None

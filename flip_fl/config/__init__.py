@@ -9,8 +9,8 @@
 """
 
 from flip_fl.config.derived import (
-                                    assumed_malicious,
                                     attack_schedule,
+                                    defense_params,
                                     max_attackers_per_round,
                                     num_attackers,
                                     round_sampler,
@@ -25,31 +25,31 @@ from flip_fl.config.loading import (
                                     to_yaml,
 )
 from flip_fl.config.reference import config_reference_markdown
-from flip_fl.config.schema import ConfigError
+from flip_fl.config.schema import ConfigError, key
 from flip_fl.config.sections import (
                                     AttackConfig,
-                                    ClientConfig,
-                                    ClientRolesConfig,
                                     Config,
                                     DataConfig,
                                     DefenseConfig,
+                                    FastScheduleConfig,
                                     FederationConfig,
-                                    FlipConfig,
-                                    FlipFastConfig,
-                                    LabelsConfig,
+                                    FlipDefenseConfig,
+                                    FlipLabelsConfig,
                                     ModelConfig,
                                     ResourcesConfig,
                                     ResultsConfig,
+                                    RolesConfig,
                                     ServerConfig,
                                     SyntheticConfig,
+                                    TrainingConfig,
 )
-from flip_fl.config.validation import NUM_CLASSES, validate, validate_labels
+from flip_fl.config.validation import validate, validate_labels
 
 __all__ = [
-    "AttackConfig", "ClientConfig", "ClientRolesConfig", "Config", "ConfigError", "DataConfig", "DefenseConfig",
-    "FederationConfig", "FlipConfig", "FlipFastConfig", "LabelsConfig", "ModelConfig", "NUM_CLASSES",
+    "AttackConfig", "TrainingConfig", "RolesConfig", "Config", "ConfigError", "DataConfig", "DefenseConfig",
+    "FederationConfig", "FlipDefenseConfig", "FastScheduleConfig", "FlipLabelsConfig", "ModelConfig",
     "ResourcesConfig", "ResultsConfig", "ServerConfig",
     "SyntheticConfig", "apply_overrides", "config_from_dict", "config_reference_markdown", "from_yaml", "load_config",
     "max_attackers_per_round", "num_attackers", "parse_override", "read_yaml", "to_yaml", "validate", "validate_labels",
-    "assumed_malicious", "attack_schedule", "round_sampler",
+    "attack_schedule", "defense_params", "key", "round_sampler",
 ]

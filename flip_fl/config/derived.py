@@ -1,4 +1,4 @@
-"""Facts derived from a config that several layers need: the attack schedule, the round sampler and f.
+"""Facts derived from a config that several layers need: the attack schedule, the round sampler, defense params.
 
 One function each, so the rule lives in one place (the validation, the strategies and the run all use
 these).
@@ -7,9 +7,12 @@ these).
 from __future__ import annotations
 
 from collections import abc
+from typing import Any
 
+from flip_fl.config.schema import params_class, section_name
 from flip_fl.config.sections import Config
-from flip_fl.federation.schedule import AttackSchedule, RoundSampler, attack_window, draw_attackers
+from flip_fl.registry import DEFENSES
+from flip_fl.schedule import AttackSchedule, RoundSampler, attack_window, draw_attackers
 
 
 def num_attackers(cfg: Config) -> int:
@@ -47,6 +50,9 @@ def max_attackers_per_round(cfg: Config) -> int:
     return attack_schedule(cfg).max_due(cfg.federation.num_rounds)
 
 
-def assumed_malicious(cfg: Config) -> int:
-    """F assumed by Krum, Multi-Krum, Bulyan and RLR: defense.num_malicious, or the most attackers due in a round."""
-    return cfg.defense.num_malicious if cfg.defense.num_malicious is not None else max_attackers_per_round(cfg)
+
+def defense_params(cfg: Config) -> Any:
+    """The parameters of the defense `defense.name` (its `defense.<name>` section, or the defaults)."""
+    cls = DEFENSES.lookup(cfg.defense.name)
+    given = cfg.defense.params.get(section_name(DEFENSES, cfg.defense.name))
+    return given if given is not None else params_class(cls)()

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from flip_fl.config.renamed import check_renamed
 from flip_fl.config.schema import ConfigError, dump_section, iter_values, load_section
 from flip_fl.config.sections import Config
 from flip_fl.config.validation import validate
@@ -118,6 +119,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a raw mapping into a Config (types, ranges, then cross-key rules)."""
+    check_renamed(raw)
     cfg = load_section(Config, raw, "")
     validate(cfg)
     return cfg

@@ -7,27 +7,45 @@ The schema itself lives in `flip_fl.config`; this module knows nothing about fli
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import types
 import typing
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Protocol, Union, get_args, get_origin
+
+from flip_fl.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A user error in a configuration: the message names the key path and what to change."""
+class Family(Protocol):
+    """What the schema needs of a family of named parts (`flip_fl.registry.Registry`)."""
+
+    kind: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The registered names."""
+
+    def accepts_paths(self) -> bool:
+        """Whether a dotted path to a user class is also a valid choice."""
+
+    def lookup(self, name: str, key_path: str | None = None) -> Any:
+        """The part `name` names (a ConfigError naming `key_path` when it names none)."""
 
 
 def key(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None, choices: Sequence[str] | None = None) -> Any:
+        le: float | None = None, lt: float | None = None, choices: Sequence[str] | None = None,
+        family: Family | None = None) -> Any:
     """Declare a config key: its default, its documentation line, an optional numeric range or choices.
 
-    `choices` limits a string key to those names (e.g. a registry's, `flip_fl.registry`) and documents them
-    as its type, exactly as a `Literal` of them would.
+    `choices` limits a string key to those names and documents them as its type, exactly as a `Literal` of
+    them would. `family` does the same with the names registered in a family of parts (`flip_fl.registry`),
+    read when a config is loaded, and also accepts a dotted path where the family takes user classes.
     """
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None}
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None,
+            "family": family}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -36,6 +54,33 @@ def key(default: Any, doc: str, *, ge: float | None = None, gt: float | None = N
 def section(cls: type, doc: str) -> Any:
     """Declare a nested section whose defaults come from its own dataclass."""
     return dataclasses.field(default_factory=cls, metadata={"doc": doc, "section": True})
+
+
+def plugin_sections(family: Family, name_key: str, doc: str) -> Any:
+    """Declare the parameter sections of a family's parts: `<section>.<part name>.<parameter>`.
+
+    In the YAML they sit beside the section's own keys (`defense: {name: krum, krum: {num_malicious: 4}}`);
+    the field holds each given section as the part's `Params` dataclass, keyed by part name. A part given
+    by dotted path keeps its parameters under its class name. `name_key` is the sibling key that chooses
+    the part.
+    """
+    return dataclasses.field(default_factory=dict, metadata={"doc": doc, "plugins": family, "name_key": name_key})
+
+
+def params_class(part: Any) -> type:
+    """The `Params` dataclass of a part (an empty one when it declares none)."""
+    params = getattr(part, "Params", None)
+    return params if params is not None else NoParams
+
+
+@dataclasses.dataclass
+class NoParams:
+    """The parameters of a part that has none."""
+
+
+def section_name(family: Family, name: str) -> str:
+    """The key of the parameter section of the part `name` names: its name, or the class name of a dotted path."""
+    return name.rsplit(".", 1)[-1] if family.accepts_paths() and "." in name else name
 
 
 def _choices_name(choices: Sequence[Any]) -> str:
@@ -153,6 +198,28 @@ def _check_choices(value: Any, meta: typing.Mapping[str, Any], path: str) -> Non
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{path}: {_short(value)} is not allowed; choose one of {_choices_name(choices)}")
+    family = meta.get("family")
+    if family is not None:
+        family.lookup(value, path)  # an unknown name or a dotted path that does not import: one line naming `path`
+
+
+def _load_plugin_sections(family: Family, chosen: str, raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """The parameter sections among a section's extra keys, each loaded into its part's `Params`."""
+    own = section_name(family, chosen)
+    out = {}
+    for name, value in raw.items():
+        child = f"{path}.{name}"
+        if name == own:
+            part = family.lookup(chosen, f"{path}.{name}")
+        elif name in family.names:
+            part = family.lookup(name)
+        else:
+            close = difflib.get_close_matches(str(name), list(family.names), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{child}: unknown key{hint} (the parameters of a {family.kind} go under "
+                              f"{path}.<its name>, one of {', '.join(family.names)})")
+        out[name] = load_section(params_class(part), value, child)
+    return out
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
@@ -175,6 +242,10 @@ def load_section(cls: type, raw: Any, path: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping of keys, got {_short(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    plugins = next((f for f in fields.values() if f.metadata.get("plugins")), None)
+    if plugins is not None:
+        extra = {name: v for name, v in raw.items() if name not in fields}
+        raw = {name: v for name, v in raw.items() if name in fields} | {plugins.name: extra}
     for name in raw:
         if name not in fields:
             child = f"{path}.{name}" if path else str(name)
@@ -186,6 +257,9 @@ def load_section(cls: type, raw: Any, path: str) -> Any:
         child = f"{path}.{name}" if path else name
         if field.metadata.get("section"):
             values[name] = load_section(hints[name], raw.get(name), child)
+        elif field.metadata.get("plugins"):
+            chosen = values.get(field.metadata["name_key"], fields[field.metadata["name_key"]].default)
+            values[name] = _load_plugin_sections(field.metadata["plugins"], chosen, raw[name], path)
         elif name in raw:
             value = _check_value(raw[name], hints[name], child)
             _check_choices(value, field.metadata, child)
@@ -195,8 +269,20 @@ def load_section(cls: type, raw: Any, path: str) -> Any:
 
 
 def dump_section(obj: Any) -> dict[str, Any]:
-    """Plain-dict form of a loaded config (for writing the resolved config back to YAML)."""
-    return dataclasses.asdict(obj)
+    """Plain-dict form of a loaded config (for writing the resolved config back to YAML).
+
+    Parameter sections of plug-ins (`plugin_sections`) go back beside their section's keys, as they were given.
+    """
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if field.metadata.get("plugins"):
+            out.update({name: dump_section(params) for name, params in value.items()})
+        elif dataclasses.is_dataclass(value):
+            out[field.name] = dump_section(value)
+        else:
+            out[field.name] = copy.deepcopy(value)
+    return out
 
 
 def document(cls: type, path: str = "") -> list[tuple[str, str, str, str]]:
@@ -209,11 +295,31 @@ def document(cls: type, path: str = "") -> list[tuple[str, str, str, str]]:
             rows.append((child, "section", "", field.metadata["doc"]))
             rows.extend(document(hints[field.name], child))
             continue
+        if field.metadata.get("plugins"):
+            rows.extend(_document_plugins(field.metadata["plugins"], path))
+            continue
         default = field.default_factory() if callable(field.default_factory) else field.default
         bounds = [f"{s} {field.metadata[n]}" for n, s in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                   if field.metadata.get(n) is not None]
         doc = field.metadata["doc"] + (f" Range: {', '.join(bounds)}." if bounds else "")
-        choices = field.metadata.get("choices")
+        choices, family = field.metadata.get("choices"), field.metadata.get("family")
+        if family is not None:
+            choices = family.names
+            doc += " Or a dotted path to your own class (docs/ARCHITECTURE.md)." if family.accepts_paths() else ""
         tp = _choices_name(choices) if choices else _type_name(hints[field.name])
         rows.append((child, tp, repr(default) if default is not None else "null", doc))
+    return rows
+
+
+def _document_plugins(family: Family, path: str) -> list[tuple[str, str, str, str]]:
+    """A section per registered part that has parameters, with its `Params` keys."""
+    rows = []
+    for name in family.names:
+        part = family.lookup(name)
+        params = params_class(part)
+        if not dataclasses.fields(params):
+            continue
+        summary = (part.__doc__ or "").strip().split("\n")[0]
+        rows.append((f"{path}.{name}", "section", "", f"Parameters of {family.kind} {name}: {summary}"))
+        rows.extend(document(params, f"{path}.{name}"))
     return rows

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flip_fl.config.schema import key, section
-from flip_fl.registry import DATASETS, DEFENSES, MODELS, TRIGGERS
+from flip_fl.config.schema import key, plugin_sections, section
+from flip_fl.registry import DATASETS, DEFENSES, FLIP_SCHEDULES, MODELS, TRIGGERS
 
 
 def client_class_key(default: str, role: str) -> Any:
@@ -37,7 +37,7 @@ class DataConfig:
         "synthetic",
         "Dataset: synthetic (offline, built in), digits (offline: scikit-learn's 1,797 real handwritten digits in "
         "28x28) or a torchvision dataset read from data.root.",
-        choices=DATASETS.names,
+        family=DATASETS,
     )
     root: str = key("data", "Directory holding the torchvision dataset files (relative to the working directory).")
     download: bool = key(False, "Let torchvision download missing files into data.root (needs internet).")
@@ -50,7 +50,7 @@ class DataConfig:
 class ModelConfig:
     """model: the architecture."""
 
-    name: str = key("tiny_cnn", "Model architecture (flip_fl/models.py).", choices=MODELS.names)
+    name: str = key("tiny_cnn", "Model architecture (flip_fl/models.py).", family=MODELS)
     width: float = key(1.0, "Width multiplier of resnet18 (the FLIP defense paper uses 0.5).", gt=0.0)
 
 
@@ -64,15 +64,16 @@ class FederationConfig:
 
 
 @dataclass
-class ClientRolesConfig:
-    """clients: client classes by role."""
+class RolesConfig:
+    """roles: the client class of each role, by dotted path."""
 
     benign: str = client_class_key("clients.BenignClient", "benign")
+    malicious: str = client_class_key("clients.PoisonClient", "malicious")
 
 
 @dataclass
-class ClientConfig:
-    """client: benign local training."""
+class TrainingConfig:
+    """training: benign local training."""
 
     local_epochs: int = key(1, "Local epochs of benign training per round.", ge=1)
     batch_size: int = key(64, "Local minibatch size.", ge=1)
@@ -108,7 +109,6 @@ class ServerConfig:
 class AttackConfig:
     """attack: malicious clients and their backdoor."""
 
-    client: str = client_class_key("clients.PoisonClient", "malicious")
     num_malicious: int = key(0, "Number of malicious clients, chosen by a seeded draw (0: no attack).", ge=0)
     malicious_ids: list[int] | None = key(
         None,
@@ -125,7 +125,7 @@ class AttackConfig:
     trigger: str = key(
         "pixel_pattern",
         "Backdoor trigger (flip_fl/attacks/triggers.py).",
-        choices=TRIGGERS.names,
+        family=TRIGGERS,
     )
     trigger_args: dict[str, Any] = key({}, "Keyword arguments of the trigger (see flip_fl/attacks/triggers.py).")
     poison_fraction: float = key(
@@ -149,10 +149,10 @@ class AttackConfig:
         True,
         "Put the attackers due to attack into the round's sample; the rest is drawn from benign clients.",
     )
-    local_epochs: int | None = key(None, "Attacker local epochs (null: client.local_epochs).", ge=1)
-    lr: float | None = key(None, "Attacker SGD learning rate (null: client.lr).", gt=0.0)
-    momentum: float | None = key(None, "Attacker SGD momentum (null: client.momentum).", ge=0.0, lt=1.0)
-    weight_decay: float | None = key(None, "Attacker SGD weight decay (null: client.weight_decay).", ge=0.0)
+    local_epochs: int | None = key(None, "Attacker local epochs (null: training.local_epochs).", ge=1)
+    lr: float | None = key(None, "Attacker SGD learning rate (null: training.lr).", gt=0.0)
+    momentum: float | None = key(None, "Attacker SGD momentum (null: training.momentum).", ge=0.0, lt=1.0)
+    weight_decay: float | None = key(None, "Attacker SGD weight decay (null: training.weight_decay).", ge=0.0)
     lr_milestones: list[float] = key(
         [],
         "Fractions of the attacker's epochs at which its lr is multiplied by lr_gamma (the paper: [0.2, 0.8]).",
@@ -173,76 +173,25 @@ class AttackConfig:
 
 @dataclass
 class DefenseConfig:
-    """defense: the server's aggregation rule and low-confidence rejection."""
+    """defense: the server's defense, its parameters, and low-confidence rejection at evaluation."""
 
-    name: str = key("fedavg", "Server aggregation rule (docs/DEFENSES.md); fedavg is no defense.",
-                    choices=DEFENSES.names)
+    name: str = key("fedavg", "Server defense (docs/DEFENSES.md); fedavg is no defense.", family=DEFENSES)
     threshold: float = key(
         0.0,
         "Low-confidence rejection tau at evaluation: predictions with max softmax < tau are rejected.",
         ge=0.0,
         lt=1.0,
     )
-    num_malicious: int | None = key(
-        None,
-        "f assumed by krum, multikrum and bulyan (and rlr's default threshold); null: the most attackers due in one "
-        "round. krum and multikrum need federation.clients_per_round > 2f + 2, bulyan >= 4f + 3.",
-        ge=0,
-    )
-    multikrum_select: int | None = key(None, "m, the updates multikrum averages; null: replies - f.", ge=1)
-    bulyan_selection: Literal["iterated", "one_shot"] = key(
-        "iterated",
-        "bulyan: how theta = n - 2f updates are selected: iterated (the paper: Krum re-run on the remaining set "
-        "after each pick) or one_shot (Flower's Bulyan: the theta best Krum scores of the full set).",
-    )
-    trim_beta: float = key(
-        0.2,
-        "trimmed_mean: fraction cut from each end per coordinate (Flower's default).",
-        ge=0.0,
-        lt=0.5,
-    )
-    clip_norm: float | None = key(
-        None,
-        "norm_clip and weak_dp: L2 bound on each update; null: the median update norm of the round.",
-        gt=0.0,
-    )
-    noise_std: float = key(
-        0.001,
-        "weak_dp: std of the Gaussian noise that reaches the global model, per coordinate (BatchNorm statistics "
-        "excluded).",
-        ge=0.0,
-    )
-    rfa_iters: int = key(
-        100,
-        "rfa: maximum smoothed-Weiszfeld iterations (stops early at a relative change of 1e-6; the RFA code uses 4).",
-        ge=1,
-    )
-    foolsgold_features: Literal["all", "output_layer"] = key(
-        "all",
-        "foolsgold: coordinates of the history similarity (all trained parameters, or the output layer).",
-    )
-    foolsgold_confidence: float = key(1.0, "foolsgold: confidence kappa of the logit re-weighting.", gt=0.0)
-    rlr_threshold: float | None = key(
-        None,
-        "rlr: sign-agreement threshold theta; null: f + 1 (see num_malicious).",
-        ge=0.0,
-    )
-    root_size: int = key(
-        100,
-        "fltrust: images of the server's root dataset, a seeded draw from the test set that is then excluded from "
-        "evaluation.",
-        ge=1,
-    )
-    flame_lambda: float = key(
-        0.001,
-        "flame: noise level; the model gets Gaussian noise of std lambda * median update norm.",
-        ge=0.0,
-    )
+    params: dict[str, Any] = plugin_sections(
+        DEFENSES, "name", "Each defense's parameters, under defense.<name> (e.g. defense.krum.num_malicious).")
 
 
 @dataclass
-class FlipFastConfig:
-    """The fast FLIP schedule (`flip.schedule: fast`): one budgeted batched inversion per round, used by every batch."""
+class FastScheduleConfig:
+    """The fast FLIP schedule (`flip_defense.schedule: fast`).
+
+    One budgeted batched inversion per round, used by every batch.
+    """
 
     budget: float = key(
         0.8,
@@ -304,14 +253,14 @@ class FlipFastConfig:
     )
     lr: float = key(
         0.03,
-        "SGD learning rate of fast hardening, with client.momentum and client.weight_decay (the official "
-        "schedule: Adam at flip.lr; docs/FLIP.md, clean-accuracy drift).",
+        "SGD learning rate of fast hardening, with training.momentum and training.weight_decay (the official "
+        "schedule: Adam at flip_defense.lr; docs/FLIP.md, clean-accuracy drift).",
         gt=0.0,
     )
 
 
 @dataclass
-class FlipConfig:
+class FlipDefenseConfig:
     """FLIP defense on benign clients (clients.FlipDefenseClient).
 
     Defaults are the paper's MNIST values (docs/FLIP.md); keys marked official apply to the official schedule only.
@@ -322,10 +271,11 @@ class FlipConfig:
         "Invert triggers and harden against them; false: FlipDefenseClient trains exactly like BenignClient (the "
         "'without hardening' ablation).",
     )
-    schedule: Literal["official", "fast"] = key(
+    schedule: str = key(
         "fast",
         "official: the official code's per-batch schedule (warm-up, pair windows; minutes per client fit on a "
         "CPU); fast: one budgeted batched inversion per round whose triggers harden every batch (docs/FLIP.md).",
+        family=FLIP_SCHEDULES,
     )
     warmup_steps: int = key(
         400,
@@ -431,7 +381,7 @@ class FlipConfig:
     )
     batch_size: int | None = key(
         None,
-        "Hardening minibatch size (null: client.batch_size; the official code uses 64 MNIST, 128 F-MNIST and "
+        "Hardening minibatch size (null: training.batch_size; the official code uses 64 MNIST, 128 F-MNIST and "
         "CIFAR-10).",
         ge=1,
     )
@@ -441,12 +391,12 @@ class FlipConfig:
         "always kept.",
         ge=0,
     )
-    fast: FlipFastConfig = section(FlipFastConfig, "The fast schedule (flip.schedule: fast).")
+    fast: FastScheduleConfig = section(FastScheduleConfig, "The fast schedule (flip_defense.schedule: fast).")
 
 
 @dataclass
-class LabelsConfig:
-    """labels: the FLIP label-only attack (Jha et al., NeurIPS 2023)."""
+class FlipLabelsConfig:
+    """flip_labels: the FLIP label-only attack (Jha et al., NeurIPS 2023)."""
 
     num_experts: int = key(
         1,
@@ -497,7 +447,7 @@ class LabelsConfig:
         "Train user models on soft labels softmax(alpha*onehot + (1-alpha)*logits) (distillation) instead of hard "
         "flips.",
     )
-    alpha: float = key(0.5, "Soft-label mixing alpha (labels.soft only).", ge=0.0, le=1.0)
+    alpha: float = key(0.5, "Soft-label mixing alpha (flip_labels.soft only).", ge=0.0, le=1.0)
     label_file: str | None = key(
         None,
         "clients.FlipLabelClient: .npy of labels for the whole training set (by sample id) from a pipeline run; null:"
@@ -562,17 +512,17 @@ class Config:
     data: DataConfig = section(DataConfig, "Dataset and partitioning.")
     model: ModelConfig = section(ModelConfig, "Model architecture.")
     federation: FederationConfig = section(FederationConfig, "Clients and rounds.")
-    clients: ClientRolesConfig = section(ClientRolesConfig, "Client classes by role.")
-    client: ClientConfig = section(ClientConfig, "Benign local training.")
+    roles: RolesConfig = section(RolesConfig, "Client classes by role.")
+    training: TrainingConfig = section(TrainingConfig, "Benign local training.")
     server: ServerConfig = section(ServerConfig, "Aggregation and evaluation on the server.")
     attack: AttackConfig = section(AttackConfig, "Malicious clients and their backdoor.")
     defense: DefenseConfig = section(DefenseConfig, "Defenses.")
-    flip: FlipConfig = section(
-        FlipConfig,
+    flip_defense: FlipDefenseConfig = section(
+        FlipDefenseConfig,
         "FLIP trigger inversion and hardening on benign clients (clients.FlipDefenseClient).",
     )
-    labels: LabelsConfig = section(
-        LabelsConfig,
+    flip_labels: FlipLabelsConfig = section(
+        FlipLabelsConfig,
         "FLIP label-only attack: experts, trajectory matching, flips, user models (sim.py labels) and "
         "clients.FlipLabelClient.",
     )

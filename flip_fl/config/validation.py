@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 
-from flip_fl.config.derived import assumed_malicious, attack_schedule, num_attackers
+from flip_fl.config.derived import attack_schedule, defense_params, num_attackers
 from flip_fl.config.schema import ConfigError
 from flip_fl.config.sections import Config
+from flip_fl.registry import DATASETS, DEFENSES
 
-NUM_CLASSES = {"synthetic": 10, "digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 SYNTHETIC_BYTES_PER_PIXEL = 24
 """Peak memory of drawing the synthetic dataset per pixel (float32 temporaries; 17-23 measured)."""
 
@@ -29,12 +29,12 @@ def validate(cfg: Config) -> None:
     _validate_attack(cfg, num_classes)
     _validate_attack_schedule(cfg)
     _validate_defense(cfg)
-    flip = cfg.flip
-    if len(flip.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip.betas):
-        raise ConfigError(f"flip.betas: {flip.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
-    if flip.fast.min_steps > flip.fast.max_steps:
-        raise ConfigError(f"flip.fast.min_steps: {flip.fast.min_steps} exceeds flip.fast.max_steps "
-                          f"({flip.fast.max_steps})")
+    flip_defense = cfg.flip_defense
+    if len(flip_defense.betas) != 2 or not all(0.0 <= b < 1.0 for b in flip_defense.betas):
+        raise ConfigError(f"flip_defense.betas: {flip_defense.betas} must be two numbers in [0, 1), e.g. [0.5, 0.9]")
+    if flip_defense.fast.min_steps > flip_defense.fast.max_steps:
+        raise ConfigError(f"flip_defense.fast.min_steps: {flip_defense.fast.min_steps} exceeds "
+                          f"flip_defense.fast.max_steps ({flip_defense.fast.max_steps})")
     validate_labels(cfg, num_classes)
 
 
@@ -57,7 +57,7 @@ def _validate_data_and_model(cfg: Config) -> int:
         synthetic_memory_check(cfg, cfg.resources.memory_gb or physical_memory_gb())
     if cfg.model.width != 1.0 and cfg.model.name != "resnet18":
         raise ConfigError(f"model.width: only resnet18 has a width option, not {cfg.model.name}")
-    return NUM_CLASSES[cfg.data.name]
+    return int(DATASETS.lookup(cfg.data.name).num_classes)
 
 
 def _validate_server(cfg: Config) -> None:
@@ -147,37 +147,18 @@ def _validate_forced_sampling(cfg: Config) -> None:
 
 
 def _validate_defense(cfg: Config) -> None:
-    """Rules of defense.*: f, selection sizes and thresholds that the sampled round can satisfy."""
-    defense = cfg.defense
-    f = assumed_malicious(cfg)
-    n = cfg.federation.clients_per_round
-    if defense.name in ("krum", "multikrum", "bulyan") and f >= n:
-        raise ConfigError(f"defense.num_malicious: f = {f} must be below federation.clients_per_round ({n})")
-    if defense.name in ("krum", "multikrum") and n <= 2 * f + 2:
-        raise ConfigError(f"defense.num_malicious: {defense.name} needs federation.clients_per_round > 2f + 2 = "
-                          f"{2 * f + 2} for f = {f}; set a lower defense.num_malicious or sample more clients")
-    if defense.name == "bulyan" and n < 4 * f + 3:
-        raise ConfigError(f"defense.num_malicious: bulyan needs federation.clients_per_round >= 4f + 3 = {4 * f + 3} "
-                          f"for f = {f}; lower f or sample more clients")
-    if defense.multikrum_select is not None and defense.multikrum_select > n:
-        raise ConfigError(f"defense.multikrum_select: {defense.multikrum_select} exceeds "
-                          f"federation.clients_per_round ({n})")
-    if defense.rlr_threshold is not None and defense.rlr_threshold > n:
-        raise ConfigError(f"defense.rlr_threshold: {defense.rlr_threshold:g} exceeds "
-                          f"federation.clients_per_round ({n})")
-    if defense.name == "fltrust" and cfg.data.name == "synthetic" and defense.root_size >= cfg.data.synthetic.test_size:
-        raise ConfigError(f"defense.root_size: {defense.root_size} root images cannot be held out of "
-                          f"data.synthetic.test_size = {cfg.data.synthetic.test_size}")
+    """The defense's own rules across keys (`Defense.check`), on its parameters."""
+    DEFENSES.lookup(cfg.defense.name).check(defense_params(cfg), cfg)
 
 
 def validate_labels(cfg: Config, num_classes: int) -> None:
     """Rules of the labels.* section."""
-    labels = cfg.labels
-    lo_hi = labels.trajectory_fraction
+    flip_labels = cfg.flip_labels
+    lo_hi = flip_labels.trajectory_fraction
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
-        raise ConfigError(f"labels.trajectory_fraction: {lo_hi} must be [lo, hi] with 0 <= lo < hi <= 1")
-    for i, budget in enumerate(labels.budgets + [labels.client_budget]):
-        where = f"labels.budgets[{i}]" if i < len(labels.budgets) else "labels.client_budget"
+        raise ConfigError(f"flip_labels.trajectory_fraction: {lo_hi} must be [lo, hi] with 0 <= lo < hi <= 1")
+    for i, budget in enumerate(flip_labels.budgets + [flip_labels.client_budget]):
+        where = f"flip_labels.budgets[{i}]" if i < len(flip_labels.budgets) else "flip_labels.client_budget"
         if isinstance(budget, float) and not 0.0 < budget < 1.0:
             raise ConfigError(f"{where}: {budget} must be a count (integer) or a fraction in (0, 1)")
         if isinstance(budget, int) and budget < 1:

@@ -1,6 +1,6 @@
 """Where datasets come from: the built-in synthetic data, scikit-learn's digits and torchvision, by `data.name`.
 
-Loaders are registered in `flip_fl.registry.DATASETS`.
+Loaders are registered in `flip_fl.registry.DATASETS` with their class count (`num_classes`).
 
 Every dataset is held as uint8 images N x C x H x W plus int64 labels (`ImageDataset`).
 Clients load their partition locally through the cached `load_datasets` (never through messages).
@@ -106,7 +106,7 @@ def load_torchvision(name: str, root: str, download: bool) -> tuple[ImageDataset
     return splits[0], splits[1]
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register("synthetic", num_classes=10)
 def _synthetic(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     syn = cfg.data.synthetic
     return make_synthetic(cfg.seed, syn.channels, syn.image_size, syn.train_size, syn.test_size, syn.noise)
@@ -141,17 +141,29 @@ def load_digits(seed: int, test_fraction: float = DIGITS_TEST_FRACTION) -> tuple
             ImageDataset(images[test_idx], labels[test_idx], 10, mean, std))
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", num_classes=10)
 def _digits(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     return load_digits(cfg.seed)
 
 
-def _torchvision_loader(name: str) -> Callable[[Config], tuple[ImageDataset, ImageDataset]]:
-    return lambda cfg: load_torchvision(name, cfg.data.root, cfg.data.download)
+@DATASETS.register("mnist", num_classes=10)
+def _mnist(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    return load_torchvision("mnist", cfg.data.root, cfg.data.download)
 
 
-for _name in TORCHVISION:
-    DATASETS.add(_name, _torchvision_loader(_name))
+@DATASETS.register("fashion_mnist", num_classes=10)
+def _fashion_mnist(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    return load_torchvision("fashion_mnist", cfg.data.root, cfg.data.download)
+
+
+@DATASETS.register("cifar10", num_classes=10)
+def _cifar10(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    return load_torchvision("cifar10", cfg.data.root, cfg.data.download)
+
+
+@DATASETS.register("cifar100", num_classes=100)
+def _cifar100(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    return load_torchvision("cifar100", cfg.data.root, cfg.data.download)
 
 
 def _data_key(cfg: Config) -> tuple:

@@ -1,7 +1,6 @@
 """FLTrust (Cao, Fang, Liu & Gong, NDSS 2021): trust = ReLU(cos(update, server update)), updates rescaled.
 
-The server's root dataset is a seeded draw of `defense.root_size` test images, held out of evaluation
-(`root_split`, `evaluation_set`).
+The server's root dataset is a seeded draw of test images (`root_split`), held out of evaluation.
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from flip_fl.config import Config, ConfigError
-from flip_fl.data import ImageDataset
 from flip_fl.defenses.common import AggregationOutcome, as_updates, row_norms
 from flip_fl.seeds import FLTRUST_ROOT, numpy_rng
 
@@ -52,17 +49,9 @@ def fltrust(U: Any, server_update: Any) -> AggregationOutcome:
     )
 
 
-def root_split(cfg: Config, test_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(root indices, evaluation indices) of the test set: a seeded draw of defense.root_size images."""
-    k = cfg.defense.root_size
-    if k >= test_size:
-        raise ConfigError(f"defense.root_size: {k} root images cannot be held out of a test set of {test_size}")
-    order = numpy_rng(cfg.seed, FLTRUST_ROOT).permutation(test_size)
-    return np.sort(order[:k]), np.sort(order[k:])
-
-
-def evaluation_set(cfg: Config, test: ImageDataset) -> ImageDataset:
-    """The images the global model is evaluated on: the test set, minus FLTrust's root data."""
-    if cfg.defense.name != "fltrust":
-        return test
-    return test.subset(root_split(cfg, len(test))[1])
+def root_split(seed: int, root_size: int, test_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(root indices, the other indices) of a test set of `test_size` images: a seeded draw of `root_size`."""
+    if root_size >= test_size:
+        raise ValueError(f"{root_size} root images cannot be held out of a test set of {test_size}")
+    order = numpy_rng(seed, FLTRUST_ROOT).permutation(test_size)
+    return np.sort(order[:root_size]), np.sort(order[root_size:])

@@ -29,11 +29,11 @@ from types import FrameType, TracebackType
 from flip_fl.attacks.flip_labels.pipeline import STAGES, check_stage_inputs, run_stages
 from flip_fl.config import Config, ConfigError, config_reference_markdown, load_config, to_yaml
 from flip_fl.data import load_datasets
+from flip_fl.errors import one_line
 from flip_fl.experiments.grid import load_sweep
 from flip_fl.experiments.report import write_report
 from flip_fl.experiments.results import default_run_dir
 from flip_fl.experiments.sweep import run_sweep
-from flip_fl.federation.failures import one_line
 from flip_fl.federation.runtime import SimulationError, quiet_environment
 
 

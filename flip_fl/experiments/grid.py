@@ -28,7 +28,7 @@ from flip_fl.config import Config, ConfigError, apply_overrides, config_from_dic
 from flip_fl.config.loading import set_key_path
 
 SPEC_KEYS = {"base", "config", "grid", "rows", "title"}
-ROW_PREFIXES = ("defense.", "flip.", "clients.")
+ROW_PREFIXES = ("defense.", "flip_defense.", "roles.benign")
 
 
 @dataclass

@@ -41,16 +41,17 @@ def describe_run(cfg: Mapping[str, Any], defense_and_seed: bool = True) -> str:
     Without `defense_and_seed`: the setting a sweep's runs share (their defenses and seeds differ).
     """
     data, attack, defense = cfg.get("data", {}), cfg.get("attack", {}), cfg.get("defense", {})
+    roles = cfg.get("roles", {})
     ids = attack.get("malicious_ids")
     attackers = (f"attackers {ids}" if ids else f"{attack.get('num_malicious', 0)} attackers")
     attackers += f" of {cfg.get('federation', {}).get('num_clients', '?')} clients"
     if not ids and not attack.get("num_malicious"):
         attack_text = "no attack"
     else:
-        client = str(attack.get("client", "?")).rsplit(".", 1)[-1]
+        client = str(roles.get("malicious", "?")).rsplit(".", 1)[-1]
         attack_text = (f"attack {client} {attack.get('mode', '?')}, trigger {attack.get('trigger', '?')} -> "
                        f"{attack.get('target_label', '?')}, {attackers}")
-    benign = str(cfg.get("clients", {}).get("benign", "clients.BenignClient")).rsplit(".", 1)[-1]
+    benign = str(roles.get("benign", "clients.BenignClient")).rsplit(".", 1)[-1]
     tau = float(defense.get("threshold", 0.0))
     parts = [f"defense {defense.get('name', '?')}"] + [f"benign {benign}"] * (benign != "BenignClient")
     parts += [f"tau {tau:g}"] * (tau > 0)

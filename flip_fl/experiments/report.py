@@ -86,14 +86,14 @@ def run_result(point: Point, run_dir: Path) -> dict[str, Any]:
 def undefended(point: Point) -> bool:
     """Whether a run has no defense at all: plain FedAvg, benign clients that only train, no rejection."""
     cfg = point.cfg
-    return cfg.defense.name == "fedavg" and cfg.defense.threshold == 0 and cfg.clients.benign == "clients.BenignClient"
+    return cfg.defense.name == "fedavg" and cfg.defense.threshold == 0 and cfg.roles.benign == "clients.BenignClient"
 
 
 def cost_lines(results: list[dict[str, Any]]) -> list[list[str]]:
     """The cost table: per row and column, aggregation ms and round seconds, each also as a multiple.
 
     The multiples are relative to the undefended run of the same column (same dataset and attack), so they are
-    filled for every row even when the grid also varies `clients.benign`; means over seeds.
+    filled for every row even when the grid also varies `roles.benign`; means over seeds.
     """
     ok = [r for r in results if r["status"] == "ok" and r.get("aggregation_ms") is not None]
     means: dict[tuple[str, str], tuple[float, float]] = {}

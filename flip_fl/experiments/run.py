@@ -2,7 +2,7 @@
 
 - `prepare`: everything decided before Flower starts, so bad input fails before Ray does: the output
   directory (fresh, `overwrite`, or `resume` from its checkpoint), data, initial model, evaluator, recorder;
-- `execute`: the server loop (`flip_fl.federation.server_app.serve`: rounds, per-round records via
+- `execute`: the server loop (`flip_fl.federation.loop.serve`: rounds, per-round records via
   `RoundReporter`, checkpoints) and the end-of-run files (`finish`);
 - `server_app`: the module-level Flower ServerApp (`flip_fl.apps.server_app`). Under `flwr run` its main
   reads the run from Flower's run config (`flip_fl.experiments.run_config`); under `run` it takes the run
@@ -30,8 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
 from flip_fl.data import ImageDataset, load_datasets, partition
-from flip_fl.defenses.fltrust import evaluation_set
 from flip_fl.device import torch_device
+from flip_fl.errors import one_line
 from flip_fl.evaluation.evaluator import GlobalEvaluator, validation_split
 from flip_fl.experiments.monitor import RunMonitor
 from flip_fl.experiments.plots import plot_run
@@ -42,7 +42,7 @@ from flip_fl.experiments.run_config import app_run
 from flip_fl.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from flip_fl.federation.client import check_client_config, load_client_class
 from flip_fl.federation.client_app import app as client_app
-from flip_fl.federation.failures import one_line
+from flip_fl.federation.loop import RunInterrupted, ServerJob, serve
 from flip_fl.federation.protocol import shared_config
 from flip_fl.federation.rounds import round_fields
 from flip_fl.federation.runtime import (
@@ -53,18 +53,17 @@ from flip_fl.federation.runtime import (
     reap,
     stop_client_actors,
 )
-from flip_fl.federation.server_app import RunInterrupted, ServerJob, serve
 from flip_fl.models import build_model
-from strategies import build_strategy
+from strategies import build_strategy, evaluation_set
 
 SWEEP_THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
 
 
 def check_client_classes(cfg: Config) -> None:
     """Import every configured client class now, so a bad path is a config error before Ray starts."""
-    roles = [("clients.benign", cfg.clients.benign)]
+    roles = [("roles.benign", cfg.roles.benign)]
     if num_attackers(cfg) > 0:
-        roles.append(("attack.client", cfg.attack.client))
+        roles.append(("roles.malicious", cfg.roles.malicious))
     for key_path, dotted in roles:
         check_client_config(load_client_class(dotted, key_path), cfg, key_path)
 

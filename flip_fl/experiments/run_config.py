@@ -3,7 +3,7 @@
 Flower passes scalars only, and the ServerApp runs in another process, from a copy of the app installed
 under FLWR_HOME, so it cannot know the directory `flwr run` was started in: `workdir` names it, and every
 relative path (the YAML config, the output directory, `data.root`, `server.initial_model`,
-`labels.label_file`) resolves against it, as `sim.py` resolves them against its working directory.
+`flip_labels.label_file`) resolves against it, as `sim.py` resolves them against its working directory.
 
     config     = "configs/quickstart.yaml"   the YAML config
     overrides  = ""                          "key.path=value; key.path=value" (as sim.py --set, ';'-separated)
@@ -49,7 +49,7 @@ def with_absolute_paths(cfg: Config, base: Path) -> Config:
         cfg,
         data=dataclasses.replace(cfg.data, root=str(base / Path(cfg.data.root).expanduser())),
         server=dataclasses.replace(cfg.server, initial_model=_absolute(cfg.server.initial_model, base)),
-        labels=dataclasses.replace(cfg.labels, label_file=_absolute(cfg.labels.label_file, base)),
+        flip_labels=dataclasses.replace(cfg.flip_labels, label_file=_absolute(cfg.flip_labels.label_file, base)),
     )
 
 

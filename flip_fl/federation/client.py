@@ -9,7 +9,6 @@ function of the config and the partition (a resumed run may find files a later, 
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from torch import nn
 
 from flip_fl.config import Config, ConfigError
 from flip_fl.data import ImageDataset
-from flip_fl.federation.failures import one_line
+from flip_fl.errors import one_line
 from flip_fl.federation.protocol import ClientState, FitResult, RoundInfo, StateDict
 from flip_fl.models import build_model
+from flip_fl.registry import import_class
 from flip_fl.seeds import ClientStream, torch_generator
 
 __all__ = ["BaseClient", "ClientState", "FitResult", "RoundInfo", "StateDict", "check_client_config",
@@ -55,28 +55,8 @@ class BaseClient(ABC):
 
 
 def load_client_class(dotted: str, key_path: str) -> type[BaseClient]:
-    """Import `package.module.Class` (or `package.Class`) and check it subclasses BaseClient.
-
-    Whatever importing the module raises (ImportError, SyntaxError, an exception in its top-level code,
-    even SystemExit) is a ConfigError naming the key, the module and the exception.
-    """
-    module_name, _, class_name = dotted.rpartition(".")
-    if not module_name:
-        raise ConfigError(f"{key_path}: {dotted!r} is not a dotted path like 'clients.BenignClient'")
-    try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name, None)
-    except ImportError as err:
-        raise ConfigError(f"{key_path}: cannot import module {module_name!r} ({one_line(err)})") from None
-    except (Exception, SystemExit) as err:  # the module's own code failed: name it, never a traceback
-        raise ConfigError(f"{key_path}: importing module {module_name!r} raised {type(err).__name__}: "
-                          f"{one_line(err)}") from None
-    if cls is None:
-        raise ConfigError(f"{key_path}: module {module_name!r} has no class {class_name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, BaseClient)):
-        raise ConfigError(f"{key_path}: {dotted} does not subclass flip_fl.federation.client.BaseClient")
-    if getattr(cls, "__abstractmethods__", None):
-        raise ConfigError(f"{key_path}: {dotted} is abstract (missing {', '.join(sorted(cls.__abstractmethods__))})")
+    """Import `package.module.Class` and check it subclasses BaseClient (a ConfigError naming `key_path` if not)."""
+    cls: type[BaseClient] = import_class(dotted, key_path, BaseClient, example="clients.BenignClient")
     return cls
 
 

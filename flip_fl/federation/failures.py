@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flip_fl.errors import clip
+
 MAX_REASON = 200
 OOM_MARKERS = ("OutOfMemoryError", "running low on memory", "killed due to memory pressure")
 OOM_HINT = ("Ray killed client workers because the machine ran low on memory: run fewer clients at once "
@@ -41,20 +43,6 @@ def memory_hint(reason: str) -> str:
     return OOM_HINT + (f" (Ray saw {usage[1]} of {usage[2]} in use)" if usage else "")
 
 
-def _clip(text: str, limit: int = MAX_REASON) -> str:
-    """`text` cut at a word boundary to at most `limit` characters (with an ellipsis when cut)."""
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - 1].rsplit(" ", 1)[0]
-    return cut.rstrip(" ,;:") + "…"
-
-
-def one_line(err: BaseException | str, limit: int | None = 200) -> str:
-    """An exception's message (or a text) on one line, cut at a word boundary to `limit` characters (None: whole)."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if limit is None else _clip(text, limit)
-
-
 def short_reason(reason: str) -> str:
     """One line for a failure reason: the client's own exception (`RuntimeError: disk on fire`), not Ray's wrappers.
 
@@ -67,12 +55,12 @@ def short_reason(reason: str) -> str:
         match = _EXCEPTION_LINE.match(line)
         if match and not any(w in match[1] for w in _WRAPPERS):
             name = match[1].rsplit(".", 1)[-1] if match[1].startswith(("builtins.", "exceptions.")) else match[1]
-            return _clip(f"{name}: {match[2]}" if match[2] else name)
+            return clip(f"{name}: {match[2]}" if match[2] else name, MAX_REASON)
     marker = "Message: "
     if marker in reason:
         reason = reason.rsplit(marker, 1)[1]
     lines = [line.strip() for line in reason.strip().strip("'>").splitlines() if line.strip()]
-    return _clip(lines[0]) if lines else "unknown error"
+    return clip(lines[0], MAX_REASON) if lines else "unknown error"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Watching a run from the server side while it goes: start-up phases, rounds, each client's reply as it arrives.
 
 A round of slow clients (FLIP inverts triggers for minutes on a CPU) would show nothing until it ends.
-The server loop (`flip_fl.federation.server_app`) polls for replies itself; a `RoundWatch` tells a
+The server loop (`flip_fl.federation.loop`) polls for replies itself; a `RoundWatch` tells a
 `RoundObserver` about each reply the moment it arrives, and about the round's failures (error replies,
 replies the strategy rejected as malformed — `protocol.check_fit_reply` — and clients that never
 answered) once the strategy has judged them.

@@ -1,6 +1,6 @@
 """The FLIP label-only backdoor attack (Jha, Hayase, Oh; NeurIPS 2023), torch-level core.
 
-Not the FLIP defense (Zhang et al., ICLR 2023, `flip_fl.defenses.flip`). The attacker changes labels only:
+Not the FLIP defense (Zhang et al., ICLR 2023, `flip_fl.defenses.flip_defense`). The attacker changes labels only:
 it picks which training labels to flip so that a model trained on them learns a trigger it never saw.
 `pipeline` runs the steps below as resumable stages (`sim.py labels`); `clients.FlipLabelClient` is the
 label-only poisoner in a federation.

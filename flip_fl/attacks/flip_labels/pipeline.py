@@ -3,7 +3,7 @@
 Each stage writes under the run directory and is skipped when its outputs are already there, so a
 run can be resumed or continued stage by stage (`python sim.py labels --stage ...`):
 
-    experts/expert_<e>/step_*.pt    model + optimizer state every labels.checkpoint_every batches
+    experts/expert_<e>/step_*.pt    model + optimizer state every flip_labels.checkpoint_every batches
     labels/logits_<r>.pt            optimised label logits (N x classes) of label run r
     flips/labels_<budget>.npy       the training labels with that budget's flips applied
     flips/indices_<budget>.npy      the flipped sample ids (most negative margin first)
@@ -43,7 +43,7 @@ from flip_fl.attacks.flip_labels import (
     train_user_model,
 )
 from flip_fl.attacks.triggers import build_trigger
-from flip_fl.config import Config, ConfigError, LabelsConfig
+from flip_fl.config import Config, ConfigError, FlipLabelsConfig
 from flip_fl.data import ImageDataset
 from flip_fl.device import torch_device
 from flip_fl.models import build_model
@@ -64,7 +64,7 @@ class LabelTask:
     trigger: Callable[[Tensor], Tensor]
     source: int
     target: int
-    settings: LabelsConfig
+    settings: FlipLabelsConfig
 
 
 def all_on(data: ImageDataset, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -77,27 +77,28 @@ def make_task(cfg: Config, data: ImageDataset, device: torch.device) -> LabelTas
     """A LabelTask over all of `data` (a whole training set, or one client's partition)."""
     trigger = build_trigger(cfg.attack, data.image_shape)
     return LabelTask(*all_on(data, device), lambda: build_model(cfg.model, data).to(device),
-                     lambda images: trigger.apply(images), cfg.attack.source_label, cfg.attack.target_label, cfg.labels)
+                     lambda images: trigger.apply(images), cfg.attack.source_label, cfg.attack.target_label,
+                     cfg.flip_labels)
 
 
-def _augment(s: LabelsConfig) -> AugmentSettings:
+def _augment(s: FlipLabelsConfig) -> AugmentSettings:
     return AugmentSettings(enabled=s.augment)
 
 
-def expert_settings(s: LabelsConfig) -> ExpertSettings:
+def expert_settings(s: FlipLabelsConfig) -> ExpertSettings:
     """Expert training from `labels.*`."""
     return ExpertSettings(epochs=s.expert_epochs, batch_size=s.batch_size, lr=s.expert_lr,
                           weight_decay=s.expert_weight_decay, augment=_augment(s),
                           checkpoint_every=s.checkpoint_every, n_poison_copies=s.poison_copies)
 
 
-def match_settings(s: LabelsConfig) -> MatchSettings:
+def match_settings(s: FlipLabelsConfig) -> MatchSettings:
     """Trajectory matching from `labels.*`."""
     return MatchSettings(passes=s.passes, batch_size=s.batch_size, label_lr=s.label_lr,
                          label_momentum=s.label_momentum, n_poison_copies=s.poison_copies, augment=_augment(s))
 
 
-def user_settings(s: LabelsConfig) -> UserSettings:
+def user_settings(s: FlipLabelsConfig) -> UserSettings:
     """User-model training from `labels.*` (lr x0.1 at 3/8 and 5/8 of the epochs)."""
     milestones = tuple(sorted({max(1, round(s.user_epochs * f)) for f in (3 / 8, 5 / 8)}))
     return UserSettings(epochs=s.user_epochs, batch_size=s.batch_size, lr=s.user_lr,
@@ -142,7 +143,7 @@ def run_experts(task: LabelTask, out: Path, generator: torch.Generator, log: Cal
 
 
 def trajectory(task: LabelTask, out: Path) -> list:
-    """All experts' checkpoints within labels.trajectory_fraction (requires the experts stage)."""
+    """All experts' checkpoints within flip_labels.trajectory_fraction (requires the experts stage)."""
     lo, hi = task.settings.trajectory_fraction
     folders = [out / "experts" / f"expert_{e}" for e in range(task.settings.num_experts)]
     missing = [str(f) for f in folders if not (f / DONE).is_file()]
@@ -270,7 +271,7 @@ def write_table(folder: Path, rows: list[dict[str, Any]]) -> None:
     (folder / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def stage_outputs(stage: str, settings: LabelsConfig, out: Path) -> list[Path]:
+def stage_outputs(stage: str, settings: FlipLabelsConfig, out: Path) -> list[Path]:
     """The files a finished stage leaves in `out` that later stages read."""
     if stage == "experts":
         return [out / "experts" / f"expert_{e}" / DONE for e in range(settings.num_experts)]
@@ -284,7 +285,7 @@ def stage_outputs(stage: str, settings: LabelsConfig, out: Path) -> list[Path]:
 
 def check_stage_inputs(cfg: Config, out: Path, stages: list[str]) -> None:
     """Before anything runs: every stage finds what it reads, in `out` or from a stage run before it now."""
-    s = cfg.labels
+    s = cfg.flip_labels
     for stage in stages:
         inputs = {"labels": ["experts"], "flips": ["labels"], "user": ["flips"] + ["labels"] * s.soft}.get(stage, [])
         if stage == "labels" and all(p.is_file() for p in stage_outputs("labels", s, out)):
@@ -322,12 +323,12 @@ def run_stages(cfg: Config, train: ImageDataset, test: ImageDataset, out: Path, 
 
 
 def local_flip_labels(cfg: Config, data: ImageDataset, workdir: Path, device: torch.device) -> np.ndarray:
-    """An attacker's own FLIP labels for its local data (experts, matching, flips at labels.client_budget)."""
+    """An attacker's own FLIP labels for its local data (experts, matching, flips at flip_labels.client_budget)."""
     task = make_task(cfg, data, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
     run_experts(task, workdir, generator, quiet)
     run_labels(task, workdir, generator, quiet)
     logits = load_logits(task, workdir)
-    indices, new = select_flips(logits, task.y.cpu(), cfg.labels.client_budget)
+    indices, new = select_flips(logits, task.y.cpu(), cfg.flip_labels.client_budget)
     return apply_flips(task.y.cpu(), indices, new).numpy()

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from flip_fl.defenses.flip.inversion import stamp
+from flip_fl.defenses.flip_defense.inversion import stamp
 
 
 def eligibility(y: Tensor, masks: Tensor, sources: Sequence[Iterable[int]] | None = None,

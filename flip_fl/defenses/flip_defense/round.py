@@ -1,8 +1,8 @@
 """What one FLIP client round shares between its inversions and its hardening steps.
 
 `FlipRound` holds the model being hardened, its Adam optimiser, the client's data and trigger cache,
-the round's random streams, and the per-round statistics; both schedules (`flip_fl.defenses.flip.official`,
-`flip_fl.defenses.flip.fast`) are written against it. Timings split the round into inversion and hardening.
+the round's random streams, and the per-round statistics; both schedules (`flip_fl.defenses.flip_defense.official`,
+`flip_fl.defenses.flip_defense.fast`) are written against it. Timings split the round into inversion and hardening.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flip_fl.config import FlipConfig
+from flip_fl.config import FlipDefenseConfig
 from flip_fl.data import ImageDataset
-from flip_fl.defenses.flip.cache import TriggerCache
-from flip_fl.defenses.flip.inversion import InversionResult, InversionSettings, Task, invert_triggers
+from flip_fl.defenses.flip_defense.cache import TriggerCache
+from flip_fl.defenses.flip_defense.inversion import InversionResult, InversionSettings, Task, invert_triggers
 from flip_fl.training import batch_indices
 
 Trigger = tuple[Tensor, Tensor]
@@ -50,7 +50,7 @@ def hardening_images(n: int, batch_size: int, epochs: int, max_batches: int | No
 class FlipRound:
     """One FLIP client round: the model, its hardening optimiser (new every round), data, cache, streams, statistics."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageDataset, flip: FlipConfig,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageDataset, flip: FlipDefenseConfig,
                  cache: TriggerCache, device: torch.device, streams: RoundStreams, batch_size: int) -> None:
         self.model, self.optimizer, self.data, self.flip, self.cache = model, optimizer, data, flip, cache
         self.device, self.streams, self.batch_size = device, streams, batch_size
@@ -64,7 +64,10 @@ class FlipRound:
         return self.data.num_classes
 
     def batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """(step, images, labels) over `flip.local_epochs` shuffled epochs, at most `flip.max_batches`."""
+        """(step, images, labels) over `flip_defense.local_epochs` shuffled epochs.
+
+        At most `flip_defense.max_batches` batches in all.
+        """
         step = 0
         for _ in range(self.flip.local_epochs):
             for idx in batch_indices(len(self.data), self.batch_size, self.streams.batches):

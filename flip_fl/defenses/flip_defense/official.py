@@ -1,19 +1,19 @@
 """The official FLIP client schedule (KaiyuanZh/FLIP, `trigger_fast_train`), batch by batch.
 
 A round walks the hardening batches (`FlipRound.batches`); a class is *present* in a batch when it
-has more than `flip.size_min` images there, and a batch with no present class is skipped.
+has more than `flip_defense.size_min` images there, and a batch with no present class is skipped.
 
 - Warm-up (a partition's first selection): batch t of the first `num_classes` batches inverts the
-  universal trigger of target t (`flip.warmup_steps` steps, sources: `flip.samples_per_class` local
+  universal trigger of target t (`flip_defense.warmup_steps` steps, sources: `flip_defense.samples_per_class` local
   images of every other class, on the model hardened so far, no size cap), stamps
   `int(portion * n_non_target)` of the batch's non-target images with it and takes one step.
 - Pair windows: a new (source, target) pair on every batch of the first ten, then every
-  `flip.pair_every` batches: with probability `flip.explore` a random pair (source present), otherwise
+  `flip_defense.pair_every` batches: with probability `flip_defense.explore` a random pair (source present), otherwise
   the smallest known trigger with a present source other than the last one.
-  - Both classes present (and `flip.symmetric`): s->t and t->s in one call whose cross-entropy is
+  - Both classes present (and `flip_defense.symmetric`): s->t and t->s in one call whose cross-entropy is
     summed over each side's images; `int(min(n_s, n_t) * portion)` images of each side are stamped.
-    The first batch of a window runs `flip.pair_steps` at `flip.init_cost`; the next runs
-    `flip.repeat_steps` at `flip.repeat_cost` if no direction failed so far, else `pair_steps` again.
+    The first batch of a window runs `flip_defense.pair_steps` at `flip_defense.init_cost`; the next runs
+    `flip_defense.repeat_steps` at `flip_defense.repeat_cost` if no direction failed so far, else `pair_steps` again.
   - Only the source present: s->t alone (mean cross-entropy) with the window's current steps and
     cost, `int(n_s * portion)` source images stamped; nothing is trained when that count is 0.
   - A batch whose pair trigger exceeds the size cap is skipped, as is a batch without its source.
@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from flip_fl.data import ImageDataset
-from flip_fl.defenses.flip.cache import UNIVERSAL, random_pair
-from flip_fl.defenses.flip.hardening import stamp_counts
-from flip_fl.defenses.flip.round import FlipRound, Trigger
+from flip_fl.defenses.flip_defense.cache import UNIVERSAL, random_pair
+from flip_fl.defenses.flip_defense.hardening import stamp_counts
+from flip_fl.defenses.flip_defense.round import FlipRound, Trigger
+from flip_fl.registry import FLIP_SCHEDULES
 
 Direction = tuple[int, int]
 
@@ -57,6 +58,7 @@ def warmup_images(data: ImageDataset, per_class: int, size_min: int) -> dict[int
     return out
 
 
+@FLIP_SCHEDULES.register("official")
 def official_round(r: FlipRound, warm_up: bool) -> None:
     """Invert and harden batch by batch as the official code does (see the module docstring)."""
     f, n = r.flip, r.num_classes
@@ -105,7 +107,7 @@ def warmup_batch(r: FlipRound, x: Tensor, y: Tensor, target: int, extra: dict[in
 
 
 def open_window(r: FlipRound, present: list[int], last: PairWindow | None) -> PairWindow | None:
-    """The next window's pair: random with probability `flip.explore`, else the smallest known trigger.
+    """The next window's pair: random with probability `flip_defense.explore`, else the smallest known trigger.
 
     The exploited pair's source must differ from the last window's (as in the official code); when no
     other present source is left the batch is skipped. Without any known size the pair is random.

@@ -2,24 +2,24 @@
 
 The official schedule inverts on almost every batch (tens of small inversions of 50-400 steps per
 round), so a client's inversion costs hundreds of times its hardening. Here a round runs ONE batched
-inversion of every candidate at once, on a small image subset (`flip.fast.images_per_class` local
+inversion of every candidate at once, on a small image subset (`flip_defense.fast.images_per_class` local
 images per class), continuing from the partition's cached triggers and their final L1 weights:
 
 - the universal trigger of every target (sources: the subset's images of every other class);
-- the `flip.fast.pairs` (source, target) pairs with the smallest known triggers (a pair never
-  inverted is ranked by its target's universal size), plus `flip.fast.explore_pairs` random pairs.
+- the `flip_defense.fast.pairs` (source, target) pairs with the smallest known triggers (a pair never
+  inverted is ranked by its target's universal size), plus `flip_defense.fast.explore_pairs` random pairs.
 
-Its length is a budget, not a step count: `flip.fast.budget` (`warmup_budget` on a first selection,
+Its length is a budget, not a step count: `flip_defense.fast.budget` (`warmup_budget` on a first selection,
 which has nothing cached) times the images the round's hardening trains on, divided by the images one
 inversion step uses, within [`min_steps`, `max_steps`]; it stops early once every trigger has stopped
-shrinking (`stop_patience`). Short runs use their own optimiser settings (`flip.fast.inversion_lr`,
+shrinking (`stop_patience`). Short runs use their own optimiser settings (`flip_defense.fast.inversion_lr`,
 `init_cost`, `cost_patience`): the official ones need a few hundred steps to shrink a mask below the cap.
 Every trigger found is cached, an oversized one too (the next selection continues from it).
 
 Hardening: the cached triggers within the size cap (found this round, or earlier: a backdoor the model
-no longer shows costs little to keep unlearning) stamp `flip.portion` of each batch's eligible images
+no longer shows costs little to keep unlearning) stamp `flip_defense.portion` of each batch's eligible images
 (non-target images for a universal trigger, source images for a pair), each image one of its eligible
-triggers, labels kept, one SGD step (`flip.fast.lr`, `client.momentum`, `client.weight_decay`). SGD
+triggers, labels kept, one SGD step (`flip_defense.fast.lr`, `training.momentum`, `training.weight_decay`). SGD
 rather than the official Adam: Adam moves every weight by about its learning rate whatever the
 gradient, so ten epochs on a small label-skewed partition drag the model away (the official MNIST
 Adam 1e-2 costs 5 points of clean accuracy in 10 rounds on `digits`), while SGD's steps follow the
@@ -33,10 +33,11 @@ import time
 import torch
 from torch import Tensor
 
-from flip_fl.config import FlipFastConfig
-from flip_fl.defenses.flip.cache import UNIVERSAL, TriggerCache, random_pair
-from flip_fl.defenses.flip.hardening import harden_batch
-from flip_fl.defenses.flip.round import FlipRound
+from flip_fl.config import FastScheduleConfig
+from flip_fl.defenses.flip_defense.cache import UNIVERSAL, TriggerCache, random_pair
+from flip_fl.defenses.flip_defense.hardening import harden_batch
+from flip_fl.defenses.flip_defense.round import FlipRound
+from flip_fl.registry import FLIP_SCHEDULES
 
 Direction = tuple[int, int]
 
@@ -51,7 +52,7 @@ def inversion_images(r: FlipRound, per_class: int) -> dict[int, Tensor]:
     return out
 
 
-def candidate_directions(cache: TriggerCache, classes: list[int], fast: FlipFastConfig,
+def candidate_directions(cache: TriggerCache, classes: list[int], fast: FastScheduleConfig,
                          r: FlipRound) -> list[Direction]:
     """Every target's universal direction, the smallest known pairs among `classes`, then random pairs."""
     pairs = cache.smallest_pairs(fast.pairs, r.streams.pairs, classes)
@@ -71,7 +72,7 @@ def inversion_tasks(images: dict[int, Tensor], directions: list[Direction]) -> l
             else (images[s], t) for s, t in directions]
 
 
-def inversion_steps(fast: FlipFastConfig, warm_up: bool, hardening_images: int, images_per_step: int) -> int:
+def inversion_steps(fast: FastScheduleConfig, warm_up: bool, hardening_images: int, images_per_step: int) -> int:
     """Steps the round's budget buys: budget x hardening images / images per step, within the bounds."""
     budget = fast.warmup_budget if warm_up else fast.budget
     steps = int(budget * hardening_images / max(images_per_step, 1))
@@ -108,6 +109,7 @@ def hardening_triggers(r: FlipRound) -> tuple[Tensor, Tensor, list[list[int]]]:
     return masks, patterns, sources
 
 
+@FLIP_SCHEDULES.register("fast")
 def fast_round(r: FlipRound, warm_up: bool) -> None:
     """One batched inversion of every candidate, then every batch hardened with the cached triggers."""
     invert_candidates(r, warm_up)
