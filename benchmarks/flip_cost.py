@@ -44,7 +44,7 @@ StateDict = dict[str, torch.Tensor]
 
 def with_schedule(cfg: Config, schedule: Literal["official", "fast"]) -> Config:
     """`cfg` with `flip_defense.schedule` replaced."""
-    return replace(cfg, flip=replace(cfg.flip_defense, schedule=schedule))
+    return replace(cfg, flip_defense=replace(cfg.flip_defense, schedule=schedule))
 
 
 def round_info(cfg: Config, pid: int, server_round: int) -> RoundInfo:

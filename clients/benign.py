@@ -7,7 +7,7 @@ from flip_fl.training import LocalTraining, state_on_cpu
 
 
 class BenignClient(BaseClient):
-    """Local SGD on the client's own data with the `client.*` settings."""
+    """Local SGD on the client's own data with the `training.*` settings."""
 
     def fit(self, global_state: StateDict, info: RoundInfo) -> FitResult:
         """Train the global model on the local data."""

@@ -30,7 +30,7 @@ CACHE_PREFIX = "flip/"
 
 
 class FlipDefenseClient(BenignClient):
-    """Benign client that hardens the model against inverted triggers (the `flip.*` settings).
+    """Benign client that hardens the model against inverted triggers (the `flip_defense.*` settings).
 
     With `flip_defense.harden: false` it trains exactly like `BenignClient` (ablation without hardening).
     Metrics per round: `invert_seconds`, `harden_seconds` (stamping and training steps), `flip_warmup`

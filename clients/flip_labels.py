@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from clients.benign import BenignClient
-from flip_fl.attacks.flip_labels.pipeline import local_flip_labels
+from flip_fl.attacks.flip_labels.stages import local_flip_labels
 from flip_fl.config import Config
 from flip_fl.config.schema import ConfigError
 from flip_fl.data import ImageDataset, client_indices, load_datasets

@@ -2,7 +2,7 @@
 
 The same two objects run under `python sim.py` (Flower's in-process Simulation Runtime):
 
-- `server_app`: `flip_fl.experiments.run.server_app`, the ServerApp around the one server loop
+- `server_app`: `flip_fl.experiments.run.app`, the ServerApp around the one server loop
   (`flip_fl.federation.loop.serve`); under `flwr run` it reads the run from the run config
   (`flip_fl.experiments.run_config`) and writes everything to the run directory;
 - `client_app`: `flip_fl.federation.client_app.app`, which builds the named client class on its
@@ -12,7 +12,7 @@ Importing this module keeps a Ray cluster that `flwr run` starts on 127.0.0.1 (F
 before it starts Ray).
 """
 
-from flip_fl.experiments.run import server_app
+from flip_fl.experiments.run import app as server_app
 from flip_fl.federation.client_app import app as client_app
 from flip_fl.federation.runtime import local_ray_environment, quiet_environment
 

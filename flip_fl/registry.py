@@ -48,7 +48,7 @@ def import_class(dotted: str, key_path: str, base: type | None = None, example: 
         raise ConfigError(f"{key_path}: {dotted} does not subclass {base.__module__}.{base.__qualname__}")
     if getattr(cls, "__abstractmethods__", None):
         raise ConfigError(f"{key_path}: {dotted} is abstract (missing {', '.join(sorted(cls.__abstractmethods__))})")
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 class Registry(Mapping[str, Any]):
@@ -59,10 +59,12 @@ class Registry(Mapping[str, Any]):
         modules: the modules (or packages, all of whose modules are imported) that register the parts.
         key_path: the config key that names a part of this family (for messages).
         base: dotted path of the base class of user parts given by dotted path; None: names only.
+        sort: list the names alphabetically (else in registration order).
     """
 
-    def __init__(self, kind: str, modules: Sequence[str], key_path: str, base: str | None = None) -> None:
-        self.kind, self.modules, self.key_path, self.base = kind, tuple(modules), key_path, base
+    def __init__(self, kind: str, modules: Sequence[str], key_path: str, base: str | None = None,
+                 sort: bool = False) -> None:
+        self.kind, self.modules, self.key_path, self.base, self.sort = kind, tuple(modules), key_path, base, sort
         self._parts: dict[str, Any] = {}
         self._loaded = False
 
@@ -90,9 +92,9 @@ class Registry(Mapping[str, Any]):
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The registered names, in registration order."""
+        """The registered names (alphabetical with `sort`, else in registration order)."""
         self.load()
-        return tuple(self._parts)
+        return tuple(sorted(self._parts)) if self.sort else tuple(self._parts)
 
     def accepts_paths(self) -> bool:
         """Whether a dotted path to a user class is a valid choice."""
@@ -114,7 +116,7 @@ class Registry(Mapping[str, Any]):
         if self.base is None:
             raise TypeError(f"the {self.kind} family has no base class")
         module, _, cls = self.base.rpartition(".")
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), cls)
 
     def __getitem__(self, name: str) -> Any:
         self.load()
@@ -136,9 +138,10 @@ MODELS = Registry("model", ["flip_fl.models"], "model.name")
 TRIGGERS = Registry("trigger", ["flip_fl.attacks.triggers"], "attack.trigger", base="flip_fl.attacks.triggers.Trigger")
 """Trigger classes (`flip_fl.attacks.triggers`); user triggers subclass `Trigger`."""
 
-DEFENSES = Registry("defense", ["strategies"], "defense.name", base="strategies.defense.Defense")
+DEFENSES = Registry("defense", ["strategies"], "defense.name", base="strategies.defense.Defense", sort=True)
 """Server defenses, one module each in the top-level `strategies` package; user defenses subclass `Defense`."""
 
-FLIP_SCHEDULES = Registry("FLIP defense schedule", ["flip_fl.defenses.flip_defense"], "flip_defense.schedule")
+FLIP_SCHEDULES = Registry("FLIP defense schedule", ["flip_fl.defenses.flip_defense"], "flip_defense.schedule",
+                          sort=True)
 """The FLIP defense's client-side schedules `(FlipRound, warmup) -> None` (`flip_fl.defenses.flip_defense`)."""
 

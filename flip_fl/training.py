@@ -1,7 +1,7 @@
 """The one SGD loop (clients, the FLTrust server, the FLIP label attack) and batched prediction.
 
 `sgd_epochs` is the loop; `train_epochs` runs it over an `ImageDataset` and `LocalTraining` is benign
-local training with the `client.*` settings. The FLIP label attack (`flip_fl.attacks.flip_labels`) runs the
+local training with the `training.*` settings. The FLIP label attack (`flip_fl.attacks.flip_labels`) runs the
 same loop over its poisoned tensors with `even_batches` and soft targets.
 """
 
@@ -109,7 +109,7 @@ def train_epochs(model: nn.Module, data: ImageDataset, optimizer: torch.optim.Op
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """Benign local training: the `client.*` settings (SGD, epochs, batch size, batch cap)."""
+    """Benign local training: the `training.*` settings (SGD, epochs, batch size, batch cap)."""
 
     epochs: int
     batch_size: int

@@ -42,17 +42,15 @@ metrics line (`RoundRecord.extra`):
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from flip_fl.config import Config
-from flip_fl.config.schema import NoParams
 from flip_fl.defenses.common import AggregationOutcome, row_norms
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
 from flip_fl.evaluation.detection import detection_scores
@@ -175,9 +173,8 @@ class Defense(SeededFedAvg):
 
     Subclasses implement `rule` and declare their parameters twice over: as explicit keyword arguments of
     `__init__` (with defaults, as Flower's strategies do) and as the `Params` dataclass of config keys
-    `defense.<name>.*` (defaults, ranges and one documentation line each, `flip_fl.config.key`). `check`
-    holds the rules that involve other config keys; `options` turns the params into the constructor's
-    keyword arguments (override it when a parameter is resolved from the run, e.g. f from the attack).
+    `defense.<name>.*` (defaults, ranges and one documentation line each, `flip_fl.config.key`), with
+    `check`, `options` and `held_out` (`SeededFedAvg`) when the config needs more than that.
 
     BatchNorm statistics (running mean/var, batch counters) are not updates of trained weights -- the
     counters alone would dominate norms and cosines -- so they never enter a rule: their aggregate is the
@@ -187,26 +184,9 @@ class Defense(SeededFedAvg):
     model (the rules add it to the delta, hence the division by server.lr).
     """
 
-    name: ClassVar[str] = ""
-    Params: ClassVar[type] = NoParams
-
-    @classmethod
-    def check(cls, params: Any, cfg: Config) -> None:
-        """Rules of `params` that involve other config keys; raise `ConfigError` naming the key."""
-
-    @classmethod
-    def options(cls, params: Any, cfg: Config) -> dict[str, Any]:
-        """The constructor's keyword arguments of this defense (beside `SeededFedAvg`'s) for a run."""
-        return dataclasses.asdict(params)
-
-    @classmethod
-    def held_out(cls, params: Any, cfg: Config, test_size: int) -> npt.NDArray[np.int64] | None:
-        """Indices of test images the defense keeps for the server, excluded from evaluation (None: none)."""
-        return None
-
+    @abstractmethod
     def rule(self, updates: RoundUpdates) -> tuple[FloatArray, Decision]:
         """The aggregate update (d,) of the trained parameters and the decision behind it."""
-        raise NotImplementedError(f"{type(self).__name__} must implement rule(updates)")
 
     def aggregate_models(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
         """Run the rule on the replies' updates (timed) and record its decision as detection metrics of the round.

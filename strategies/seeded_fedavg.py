@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flip_fl.config import Config
+from flip_fl.config.schema import NoParams
 from flip_fl.defenses.updates import apply_server_lr
 from flip_fl.federation import protocol
 from flip_fl.federation.failures import no_reply_reason
@@ -96,6 +100,29 @@ class SeededFedAvg(FedAvg):
         self.min_clients = min_clients
         self.rounds: dict[int, RoundRecord] = {}
         self.global_state: dict[str, np.ndarray] = {}
+
+    name: ClassVar[str] = ""
+    """The `defense.name` the class is registered under (set by `flip_fl.registry.DEFENSES.register`)."""
+    Params: ClassVar[type] = NoParams
+    """The dataclass of the strategy's config keys, `defense.<name>.*` (`flip_fl.config.key` fields)."""
+
+    @classmethod
+    def check(cls, params: Any, cfg: Config) -> None:
+        """Rules of `params` that involve other config keys; raise `ConfigError` naming the key."""
+
+    @classmethod
+    def options(cls, params: Any, cfg: Config) -> dict[str, Any]:
+        """The constructor's keyword arguments beside those of `SeededFedAvg`, for a run of `cfg`.
+
+        The params themselves by default; override it when an argument is resolved from the run (f from the
+        attack schedule, the seed, the server's own data).
+        """
+        return dataclasses.asdict(params)
+
+    @classmethod
+    def held_out(cls, params: Any, cfg: Config, test_size: int) -> npt.NDArray[np.int64] | None:
+        """Indices of test images the strategy keeps for the server, excluded from evaluation (None: none)."""
+        return None
 
     def client_config(self, server_round: int, partition_id: int) -> ConfigRecord:
         """The per-node train config: shared settings plus this partition's role."""

@@ -1,8 +1,10 @@
-"""The layout's rules: no import cycles, every module imports on its own, no function over 60 lines.
+"""The layout's rules: no import cycles, imports only down the layer table, every module imports on its own,
+no function over 60 lines.
 
 The project's modules are those of `flip_fl`, `strategies`, `clients` and `sim.py`. Imports are read
 from the source (at any depth, so a function-local import cannot hide a cycle); `import a.b.c` also
 imports `a` and `a.b`, as Python does, except a module's own packages (always started before it).
+The layers are the table under "## Layers" in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import multiprocessing
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 PACKAGES = ("flip_fl", "strategies", "clients")
 MAX_FUNCTION_LINES = 60
 LONG_MARK = "# long:"
@@ -52,7 +56,7 @@ def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
             base = _resolve(module, path.name == "__init__.py", node)
             targets.add(base)
             targets.update(f"{base}.{alias.name}" for alias in node.names)
-    edges = set()
+    edges: set[str] = set()
     for target in targets:
         parts = target.split(".")
         edges.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -111,6 +115,56 @@ def test_no_import_cycles_among_project_modules():
     graph = import_graph()
     assert len(graph) > 60 and "flip_fl.config" in graph["flip_fl.federation.client"]
     assert cycles(graph) == []
+
+
+def layer_table(markdown: str) -> list[tuple[str, ...]]:
+    """The module prefixes of each layer, lowest first: the `modules` column of the table under "## Layers"."""
+    section = re.search(r"^## Layers\n(.*?)(?=^## |\Z)", markdown, re.MULTILINE | re.DOTALL)
+    assert section, "no '## Layers' section"
+    rows = [line.strip().strip("|").split("|") for line in section.group(1).splitlines() if line.startswith("|")]
+    assert len(rows) > 2, "no layer table under '## Layers'"
+    column = [cell.strip() for cell in rows[0]].index("modules")
+    return [tuple(re.findall(r"`([\w.]+)`", row[column])) for row in rows[2:]]
+
+
+def layer_of(module: str, layers: list[tuple[str, ...]]) -> int | None:
+    """The index of the layer whose longest prefix (a whole dotted name) names `module`; None if none does."""
+    best: tuple[int, int] | None = None
+    for rank, prefixes in enumerate(layers):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), rank)
+    return None if best is None else best[1]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, ...]]) -> list[tuple[str, str]]:
+    """Every (importer, imported) pair where the imported module sits in a higher layer; unlisted modules too."""
+    unlisted = sorted(m for m in graph if layer_of(m, layers) is None)
+    assert not unlisted, f"modules in no layer of docs/ARCHITECTURE.md: {unlisted}"
+    return sorted((m, target) for m in graph for target in graph[m]
+                  if layer_of(target, layers) > layer_of(m, layers))  # type: ignore[operator]
+
+
+def test_the_layer_check_finds_exactly_the_upward_arrow():
+    doc = ("# Doc\n\n## Layers\n\n| layer | modules | what |\n|---|---|---|\n| low | `a`, `b.c` | x |\n"
+           "| mid | `b` | y |\n| high | `d` | z |\n\n## Next\n\n| not | `e` |\n")
+    layers = layer_table(doc)
+    assert layers == [("a", "b.c"), ("b",), ("d",)]
+    assert layer_of("b.c.x", layers) == 0 and layer_of("b.x", layers) == 1 and layer_of("bc", layers) is None
+    compliant = {"a": set(), "a.x": {"a"}, "b": {"a.x", "b.c"}, "b.x": {"b"}, "b.c": {"a"}, "d": {"b", "a"}}
+    assert upward_imports(compliant, layers) == []
+    assert upward_imports({**compliant, "b.c.y": {"b.x"}}, layers) == [("b.c.y", "b.x")]
+    with pytest.raises(AssertionError, match="'e'"):
+        upward_imports({**compliant, "e": set()}, layers)
+
+
+def test_imports_point_down_the_layer_table():
+    layers = layer_table(ARCHITECTURE.read_text())
+    assert len(layers) > 5 and layer_of("flip_fl.config.sections", layers) == 1
+    new = upward_imports(import_graph(), layers)
+    assert not new, "imports up the layer table of docs/ARCHITECTURE.md (rows counted from 1):\n" + "\n".join(
+        f"  {m} (row {layer_of(m, layers) + 1}) imports {t} (row {layer_of(t, layers) + 1})"  # type: ignore[operator]
+        for m, t in new)
 
 
 def _import_alone(module: str) -> str:

@@ -1,4 +1,7 @@
-"""Checkpoints and client state in messages: exact round trips, atomic writes, strategies' own state."""
+"""Checkpoints and client state in messages: exact round trips, atomic writes.
+
+A strategy's own state (`state_dict`) is tested with each defense: tests/defenses/test_every_defense.py and
+tests/defenses/test_foolsgold.py."""
 
 from __future__ import annotations
 
@@ -73,24 +76,3 @@ def test_client_state_goes_out_with_the_message_and_comes_back_in_the_reply():
     assert len(reply.array_records) == 1 and isinstance(reply.metric_records["weights"], MetricRecord)
     assert take_state(reply) is None  # taken out: Flower's aggregation sees exactly one ArrayRecord
 
-
-def test_foolsgold_histories_survive_a_state_dict_round_trip():
-    from flip_fl.config import round_sampler
-    from strategies.reweighting import FoolsGoldDefense
-    from tests.tiny import tiny_config
-
-    cfg = tiny_config("defense.name=foolsgold")
-    kwargs = {"node_partitions": {10 + i: i for i in range(6)}, "sampler": round_sampler(cfg),
-              "benign_client": "clients.BenignClient", "malicious_client": "clients.PoisonClient"}
-    a, b = FoolsGoldDefense(**kwargs), FoolsGoldDefense(**kwargs)
-    a.history = {2: np.arange(4, dtype=np.float32), 5: -np.ones(4, np.float32)}
-    b.load_state_dict(a.state_dict())
-    assert b.history.keys() == a.history.keys() and all(np.array_equal(b.history[k], a.history[k]) for k in a.history)
-    a.history[2][0] = 99  # a state_dict is a copy, not a view of the live histories
-    assert b.history[2][0] == 0
-    with pytest.raises(ValueError, match="unexpected entries"):
-        b.load_state_dict({"weights": np.ones(2)})
-    from strategies import DefenseStrategy
-
-    with pytest.raises(ValueError, match="keeps no state"):
-        DefenseStrategy(**kwargs).load_state_dict({"history/1": np.ones(2)})

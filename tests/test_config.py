@@ -1,10 +1,21 @@
 """Config validation: every class of user error names its key; overrides and docs."""
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from flip_fl.config import ConfigError, apply_overrides, config_reference_markdown, load_config, parse_override
+from flip_fl.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_reference_markdown,
+    load_config,
+    parse_override,
+)
+from flip_fl.config.loading import set_key_path
+from flip_fl.config.renamed import RENAMED
 from tests.tiny import tiny_config
 
 
@@ -29,7 +40,7 @@ def test_unknown_key_suggests_the_close_one():
     ("federation.num_rounds=2.5", "federation.num_rounds", "expected an integer"),
     ("training.lr=fast", "training.lr", "expected a number"),
     ("data.download=1", "data.download", "expected true or false"),
-    ("data.name=imagenet", "data.name", "not allowed"),
+    ("data.name=imagenet", "data.name", "unknown dataset"),
     ("attack.malicious_ids=3", "attack.malicious_ids", "expected"),
 ])
 def test_wrong_types(override, key, words):
@@ -96,3 +107,24 @@ def test_every_shipped_config_is_valid():
 def test_config_reference_is_current():
     assert Path("docs/CONFIG.md").read_text() == config_reference_markdown(), \
         "docs/CONFIG.md is stale: run `python sim.py config-docs > docs/CONFIG.md`"
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_an_old_key_is_one_line_naming_its_new_place(old):
+    raw: dict = {}
+    set_key_path(raw, old if "." in old else f"{old}.x", 1, "test")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert str(err.value) == f"{old}: renamed to {RENAMED[old]} in flip-fl 0.2 (docs/CONFIG.md)"
+
+
+def test_shipped_configs_and_docs_use_the_new_names():
+    files = [*Path("docs").glob("*.md"), Path("README.md"), *Path("configs").rglob("*.yaml")]
+    dotted = [old for old in RENAMED if "." in old]
+    for path in files:
+        text = "\n".join(line for line in path.read_text().splitlines() if "renamed" not in line)
+        used = [old for old in dotted if re.search(rf"(?<![\w.]){re.escape(old)}\b", text)]
+        assert not used, f"{path} still names {used}"
+    for path in Path("configs").rglob("*.yaml"):
+        top = set(yaml.safe_load(path.read_text()))
+        assert not top & {"client", "clients", "flip", "labels"}, path

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from clients.flip_labels import FlipLabelClient
-from flip_fl.attacks.flip_labels.pipeline import run_stages
 from flip_fl.config import ConfigError, load_config
 from flip_fl.data import client_dataset, client_indices, load_datasets
+from flip_fl.experiments.labels_pipeline import run_stages
 from flip_fl.federation.client import ClientState, RoundInfo
 from flip_fl.models import build_model
 from tests.tiny import tiny_config

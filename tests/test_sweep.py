@@ -28,7 +28,7 @@ TINY = {
     "federation": {"num_clients": 8, "clients_per_round": 7, "num_rounds": 2},
     "training": {"batch_size": 32, "lr": 0.05, "local_epochs": 1},
     "attack": {"num_malicious": 1, "poison_fraction": 0.5},
-    "defense": {"root_size": 50},
+    "defense": {"fltrust": {"root_size": 50}},
 }
 SINGLE_SHOT = {"attack.mode": ["single_shot"], "roles.malicious": ["clients.ModelReplacementClient"],
                "attack.scale": ["auto"]}
@@ -62,8 +62,8 @@ def test_grid_union_names_labels_and_rows(tmp_path: Path):
 @pytest.mark.parametrize("grid, message", [
     ({"defense.name": "krum"}, "grid.defense.name: expected a non-empty list"),
     ([], "grid: expected a mapping"),
-    ({"defense.name": ["bulyan"], "federation.clients_per_round": [4]}, "run defense.name=bulyan__federation"
-                                                                         ".clients_per_round=4: defense.num_malicious"),
+    ({"defense.name": ["bulyan"], "federation.clients_per_round": [4]},
+     "run defense.name=bulyan__federation.clients_per_round=4: defense.bulyan.num_malicious"),
     ({"defense.nme": ["krum"]}, "defense.nme: unknown key; did you mean 'name'"),
 ])
 def test_bad_sweeps_are_config_errors(tmp_path: Path, grid, message):

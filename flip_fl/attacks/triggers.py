@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,7 +161,7 @@ def _parse_colour(name: str, colour: Any, channels: int) -> Tensor:
 # base classes
 
 
-class Trigger:
+class Trigger(ABC):
     """Base class. Subclasses implement `_stamp` and `_mask`.
 
     Attributes:
@@ -211,11 +212,13 @@ class Trigger:
 
     # -- to implement -------------------------------------------------------------------------
 
-    def _stamp(self, x: Tensor, piece: int | None) -> Tensor:  # returns a new tensor
-        raise NotImplementedError
+    @abstractmethod
+    def _stamp(self, x: Tensor, piece: int | None) -> Tensor:
+        """A stamped copy of `x` (a new tensor), with the whole trigger or local `piece`."""
 
+    @abstractmethod
     def _mask(self, piece: int | None) -> Tensor:
-        raise NotImplementedError
+        """H x W bool tensor of the pixels the trigger (or `piece`) touches."""
 
     # -- helpers ------------------------------------------------------------------------------
 

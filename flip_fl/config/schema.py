@@ -203,8 +203,9 @@ def _check_choices(value: Any, meta: typing.Mapping[str, Any], path: str) -> Non
         family.lookup(value, path)  # an unknown name or a dotted path that does not import: one line naming `path`
 
 
-def _load_plugin_sections(family: Family, chosen: str, raw: dict[str, Any], path: str) -> dict[str, Any]:
-    """The parameter sections among a section's extra keys, each loaded into its part's `Params`."""
+def _load_plugin_sections(family: Family, chosen: str, raw: dict[str, Any], path: str,
+                          keys: Sequence[str]) -> dict[str, Any]:
+    """The parameter sections among a section's extra keys (beside its own `keys`), each loaded into its `Params`."""
     own = section_name(family, chosen)
     out = {}
     for name, value in raw.items():
@@ -214,7 +215,7 @@ def _load_plugin_sections(family: Family, chosen: str, raw: dict[str, Any], path
         elif name in family.names:
             part = family.lookup(name)
         else:
-            close = difflib.get_close_matches(str(name), list(family.names), n=1)
+            close = difflib.get_close_matches(str(name), [*keys, *family.names], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{child}: unknown key{hint} (the parameters of a {family.kind} go under "
                               f"{path}.<its name>, one of {', '.join(family.names)})")
@@ -259,7 +260,8 @@ def load_section(cls: type, raw: Any, path: str) -> Any:
             values[name] = load_section(hints[name], raw.get(name), child)
         elif field.metadata.get("plugins"):
             chosen = values.get(field.metadata["name_key"], fields[field.metadata["name_key"]].default)
-            values[name] = _load_plugin_sections(field.metadata["plugins"], chosen, raw[name], path)
+            values[name] = _load_plugin_sections(field.metadata["plugins"], chosen, raw[name], path,
+                                                 [k for k in fields if k != name])
         elif name in raw:
             value = _check_value(raw[name], hints[name], child)
             _check_choices(value, field.metadata, child)
@@ -296,6 +298,7 @@ def document(cls: type, path: str = "") -> list[tuple[str, str, str, str]]:
             rows.extend(document(hints[field.name], child))
             continue
         if field.metadata.get("plugins"):
+            rows.append((f"{path}.<name>", "sections", "", field.metadata["doc"]))
             rows.extend(_document_plugins(field.metadata["plugins"], path))
             continue
         default = field.default_factory() if callable(field.default_factory) else field.default

@@ -516,7 +516,7 @@ class Config:
     training: TrainingConfig = section(TrainingConfig, "Benign local training.")
     server: ServerConfig = section(ServerConfig, "Aggregation and evaluation on the server.")
     attack: AttackConfig = section(AttackConfig, "Malicious clients and their backdoor.")
-    defense: DefenseConfig = section(DefenseConfig, "Defenses.")
+    defense: DefenseConfig = section(DefenseConfig, "The server's defense, its parameters, low-confidence rejection.")
     flip_defense: FlipDefenseConfig = section(
         FlipDefenseConfig,
         "FLIP trigger inversion and hardening on benign clients (clients.FlipDefenseClient).",

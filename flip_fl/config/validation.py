@@ -152,7 +152,7 @@ def _validate_defense(cfg: Config) -> None:
 
 
 def validate_labels(cfg: Config, num_classes: int) -> None:
-    """Rules of the labels.* section."""
+    """Rules of the flip_labels.* section."""
     flip_labels = cfg.flip_labels
     lo_hi = flip_labels.trajectory_fraction
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:

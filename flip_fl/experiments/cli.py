@@ -26,11 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from flip_fl.attacks.flip_labels.pipeline import STAGES, check_stage_inputs, run_stages
 from flip_fl.config import Config, ConfigError, config_reference_markdown, load_config, to_yaml
 from flip_fl.data import load_datasets
 from flip_fl.errors import one_line
 from flip_fl.experiments.grid import load_sweep
+from flip_fl.experiments.labels_pipeline import STAGES, check_stage_inputs, run_stages
 from flip_fl.experiments.report import write_report
 from flip_fl.experiments.results import default_run_dir
 from flip_fl.experiments.sweep import run_sweep
@@ -210,8 +210,8 @@ def sweep_command(argv: list[str]) -> int:
 
 def labels_command(argv: list[str]) -> int:
     """`sim.py labels ...`: run stages of the FLIP label-attack pipeline."""
-    parser = _parser("sim.py labels", "FLIP label-only attack pipeline (see flip_fl/attacks/flip_labels/pipeline.py).",
-                     config="YAML config (data, model, attack trigger/target, labels.*)",
+    parser = _parser("sim.py labels", "FLIP label-only attack pipeline (see flip_fl/experiments/labels_pipeline.py).",
+                     config="YAML config (data, model, attack trigger/target, flip_labels.*)",
                      output_dir="pipeline directory (default runs/<config-name>); reused across stages")
     parser.add_argument("--stage", action="append", choices=["experts", "labels", "flips", "user", "all"],
                         help="stage(s) to run (repeatable; default all); finished outputs are reused")

@@ -8,7 +8,7 @@ A sweep file is YAML:
       defense.name: [fedavg, krum]
       attack.mode: [single_shot, continuous]
       seed: [0, 1]
-    rows: [defense.name]             # optional: the keys that make a table row (default: defense.*, flip.*, clients.*)
+    rows: [defense.name]             # optional: the row keys (default: defense.*, flip_defense.*, roles.benign)
     title: My comparison             # optional heading of results.md
 
 A grid mapping may also carry `label: TEXT`, the row name of its runs (e.g. FLIP).
@@ -26,6 +26,7 @@ from typing import Any
 
 from flip_fl.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
 from flip_fl.config.loading import set_key_path
+from flip_fl.config.schema import dump_section
 
 SPEC_KEYS = {"base", "config", "grid", "rows", "title"}
 ROW_PREFIXES = ("defense.", "flip_defense.", "roles.benign")
@@ -140,10 +141,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 def value_at(cfg: Config, key: str) -> Any:
-    """The value at dotted key `key` of a config."""
-    node: Any = cfg
+    """The value at dotted key `key` of a config (None for a defense parameter section the config does not hold)."""
+    node: Any = dump_section(cfg)
     for part in key.split("."):
-        node = getattr(node, part)
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 

@@ -4,7 +4,7 @@
   directory (fresh, `overwrite`, or `resume` from its checkpoint), data, initial model, evaluator, recorder;
 - `execute`: the server loop (`flip_fl.federation.loop.serve`: rounds, per-round records via
   `RoundReporter`, checkpoints) and the end-of-run files (`finish`);
-- `server_app`: the module-level Flower ServerApp (`flip_fl.apps.server_app`). Under `flwr run` its main
+- `app`: the module-level Flower ServerApp (`flip_fl.apps.server_app`). Under `flwr run` its main
   reads the run from Flower's run config (`flip_fl.experiments.run_config`); under `run` it takes the run
   `run` prepared in this process;
 - `run(cfg, out_dir)`: what `sim.py --config ...` does: prepare, start Ray on 127.0.0.1, run the ServerApp
@@ -278,10 +278,10 @@ class _LocalRun:
 _local_runs: list[_LocalRun] = []
 """The run `run` is launching (Flower's in-process runtime cannot pass a run config to the ServerApp)."""
 
-server_app = ServerApp()
+app = ServerApp()
 
 
-@server_app.main()
+@app.main()
 def main(grid: Grid, context: Context) -> None:
     """The ServerApp: the run `run` prepared in this process, or under `flwr run` the one its run config names."""
     if _local_runs:
@@ -330,7 +330,7 @@ def run_local(prepared: PreparedRun, ray_address: str | None) -> dict[str, Any]:
     local = _LocalRun(prepared)
     _local_runs[:] = [local]
     try:
-        launch(server_app, client_app, cfg.federation.num_clients, cfg.resources)
+        launch(app, client_app, cfg.federation.num_clients, cfg.resources)
     finally:
         _local_runs.clear()
         if ray_address is None:

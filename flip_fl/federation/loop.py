@@ -1,7 +1,7 @@
 """The server loop: map nodes to partitions, then round after round sample, exchange, aggregate, record, checkpoint.
 
 `serve` is the one loop of every run, whichever launcher started it (`sim.py` on the in-process Simulation
-Runtime, or `flwr run`); the ServerApp around it is `flip_fl.experiments.run.server_app`. It drives the
+Runtime, or `flwr run`); the ServerApp around it is `flip_fl.experiments.run.app`. It drives the
 strategy directly instead of Flower's `Strategy.start` because a run must be able to start at any round
 (resume), stop between polls (Ctrl-C, SIGTERM) and give up on clients that do not answer within
 `resources.round_timeout` (counted as failures; the run goes on):

@@ -2,8 +2,9 @@
 
 Not the FLIP defense (Zhang et al., ICLR 2023, `flip_fl.defenses.flip_defense`). The attacker changes labels only:
 it picks which training labels to flip so that a model trained on them learns a trigger it never saw.
-`pipeline` runs the steps below as resumable stages (`sim.py labels`); `clients.FlipLabelClient` is the
-label-only poisoner in a federation.
+`stages` runs experts and label matching on an attacker's own data (`clients.FlipLabelClient`, the
+label-only poisoner in a federation); `flip_fl.experiments.labels_pipeline` runs every step as resumable
+stages (`sim.py labels`).
 
 Pipeline on plain tensors (`x`: N x C x H x W in [0, 1], `y`: N int64):
 

@@ -81,7 +81,7 @@ class FlipRound:
         return hardening_images(len(self.data), self.batch_size, self.flip.local_epochs, self.flip.max_batches)
 
     def settings(self, steps: int, **overrides: object) -> InversionSettings:
-        """Inversion hyperparameters from `flip.*` for a call of `steps` steps."""
+        """Inversion hyperparameters from `flip_defense.*` for a call of `steps` steps."""
         f = self.flip
         base = InversionSettings(steps=steps, init_cost=f.init_cost, success_threshold=f.success_threshold,
                                  max_mask_fraction=f.max_mask_fraction, reinit_noise=f.reinit_noise)
