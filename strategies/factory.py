@@ -14,7 +14,7 @@ import numpy as np
 from flip_fl.config import Config, defense_params, round_sampler
 from flip_fl.data import ImageDataset
 from flip_fl.registry import DEFENSES
-from strategies.defense import Defense
+from strategies.seeded_fedavg import SeededFedAvg
 
 
 def federation_options(cfg: Config, node_partitions: Mapping[int, int],
@@ -26,13 +26,13 @@ def federation_options(cfg: Config, node_partitions: Mapping[int, int],
             "min_clients": cfg.server.min_clients}
 
 
-def defense_class(cfg: Config) -> type[Defense]:
+def defense_class(cfg: Config) -> type[SeededFedAvg]:
     """The class `defense.name` names."""
-    cls: type[Defense] = DEFENSES.lookup(cfg.defense.name)
+    cls: type[SeededFedAvg] = DEFENSES.lookup(cfg.defense.name)
     return cls
 
 
-def build_strategy(cfg: Config, node_partitions: Mapping[int, int], shared_config: Mapping[str, str]) -> Defense:
+def build_strategy(cfg: Config, node_partitions: Mapping[int, int], shared_config: Mapping[str, str]) -> SeededFedAvg:
     """The strategy `defense.name` asks for, wired to the run's node -> partition map."""
     cls = defense_class(cfg)
     return cls(**federation_options(cfg, node_partitions, shared_config), **cls.options(defense_params(cfg), cfg))

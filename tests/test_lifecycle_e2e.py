@@ -104,12 +104,21 @@ def stop_flower(flwr_home: Path, grace: float = 10.0) -> list[str]:
     return [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")[:200] for pid in ours()]
 
 
+def flwr_env(flwr_home: Path, api_port: int, control_port: int) -> dict[str, str]:
+    """The environment of `flwr run`: its own FLWR_HOME and ports, offline, and the interpreter's bin directory
+    first on PATH (`flwr` starts `flower-superlink` by name: the suite may run as /path/to/venv/bin/python -m
+    pytest without the virtual environment activated)."""
+    path = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+
+
 def flwr_run(out: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     """The README's offline `flwr run` command, on its own SuperLink ports and FLWR_HOME, stopped afterwards."""
     api_port, control_port = free_port(), free_port()
     flwr_home = tmp_path / "flwr"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    env = flwr_env(flwr_home, api_port, control_port)
     cmd = [str(Path(sys.executable).with_name("flwr")), "run", ".", "--stream",
            "--federation-config", "num-supernodes=20 client-resources-num-cpus=1",
            "--run-config", f"workdir='{ROOT}' output-dir='{out}' overrides='federation.num_rounds={ROUNDS}'"]

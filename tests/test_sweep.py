@@ -119,15 +119,15 @@ def test_sweep_command_bad_input_exits_2_with_one_line(tmp_path: Path):
                  "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: run defense.name=nope: defense.name: 'nope' is not allowed; choose one of " +
-        " | ".join(repr(n) for n in DEFENSES)]
+        "error: run defense.name=nope: defense.name: unknown defense 'nope'; choose one of " +
+        ", ".join(DEFENSES.names) + "; or a dotted path to your own class"]
 
 
 @pytest.mark.e2e
 def test_tiny_sweep_over_every_defense_and_both_attack_modes(tmp_path: Path):
     """5 real runs (2 rounds, 8 clients) as subprocesses, two at a time: both attack modes, each with the undefended
     run the cost table divides by, and a detecting defense. Every defense's rule runs through the strategy in
-    tests/test_replies.py and tests/test_robust.py; this test is about the sweep machinery."""
+    tests/defenses/; this test is about the sweep machinery."""
     names = ["fedavg", "flame", "krum", "foolsgold"]
     spec = write_spec(tmp_path / "tiny.yaml", [
         {**SINGLE_SHOT, "defense.name": ["fedavg", "flame"]},

@@ -21,6 +21,8 @@ MAX_CONFIG_BYTES = 10_000_000
 """A config or sweep file larger than this is refused (they are a few kB)."""
 MAX_CONFIG_VALUES = 1_000_000
 """Most values a config document may hold once YAML aliases are expanded."""
+PROJECT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+"""The project's `configs/` folder (in a checkout), where a bare config file name is also looked for."""
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -115,6 +117,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return raw
+
+
+def resolve_config(path: str | Path, folder: str = "") -> Path:
+    """The config file `path` names: a file in the working directory, else for a bare file name the project's.
+
+    A bare name (`cifar.yaml`, no directory part) that is not a file here is looked for in the project's
+    `configs/<folder>` (`folder`: e.g. "sweeps" for sweep files) and then `configs/`; a path with a
+    directory part always means that path. A bare name found nowhere is a ConfigError naming both places.
+    """
+    given = Path(path)
+    if given.exists() or given.name != str(path) or given.name in ("", ".", ".."):
+        return given
+    for where in dict.fromkeys([PROJECT_CONFIGS / folder, PROJECT_CONFIGS]):
+        if (where / given).is_file():
+            return where / given
+    if PROJECT_CONFIGS.is_dir():
+        raise ConfigError(f"{path}: config file not found (neither in the working directory nor in {PROJECT_CONFIGS})")
+    return given
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

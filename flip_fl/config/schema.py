@@ -79,8 +79,16 @@ class NoParams:
 
 
 def section_name(family: Family, name: str) -> str:
-    """The key of the parameter section of the part `name` names: its name, or the class name of a dotted path."""
-    return name.rsplit(".", 1)[-1] if family.accepts_paths() and "." in name else name
+    """The key of the parameter section of the part `name` names.
+
+    Its registered name, also when given by dotted path; the class name for an unregistered class.
+    """
+    if not (family.accepts_paths() and "." in name):
+        return name
+    registered = getattr(family.lookup(name), "name", "")
+    if registered in family.names and family.lookup(registered) is family.lookup(name):
+        return str(registered)
+    return name.rsplit(".", 1)[-1]
 
 
 def _choices_name(choices: Sequence[Any]) -> str:

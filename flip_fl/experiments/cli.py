@@ -18,15 +18,18 @@ partition and the output directory.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from flip_fl.config import Config, ConfigError, config_reference_markdown, load_config, to_yaml
+from flip_fl.config.loading import resolve_config
 from flip_fl.data import load_datasets
 from flip_fl.errors import one_line
 from flip_fl.experiments.grid import load_sweep
@@ -90,20 +93,48 @@ def _parser(prog: str, description: str, *, config: str, output_dir: str,
 
 
 def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
-    """The output directory must be a writable directory or one that can be created (nothing is created here)."""
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{flag}: {path} is a file, not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag}: {path} is not writable")
-        return
-    ancestor = path.parent
+    """The output directory must be a directory this process can write into, or one it can create.
+
+    Checked by doing it and undoing it: the missing directories are created and a file is written into the
+    directory, then both are removed again. So a read-only mount, a missing permission (also as root, whom
+    permission bits do not stop) or a pseudo file system such as /proc fails here, before data or Ray, as
+    one ConfigError naming the directory and the reason.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a file, not a directory")
+    missing = []
+    ancestor = path
     while not ancestor.exists() and ancestor != ancestor.parent:
+        missing.append(ancestor)
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ConfigError(f"{flag}: {path} cannot be created: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag}: {path} cannot be created: {ancestor} is not writable")
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".flip-fl-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = f"is not writable ({reason})" if not missing else f"cannot be created in {ancestor} ({reason})"
+        raise ConfigError(f"{flag}: {path} {where}") from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def config_file(path: str, folder: str = "") -> Path:
+    """The file `--config path` means (`resolve_config`); says which one when it was found in the project's configs/."""
+    found = resolve_config(path, folder)
+    if str(found) != path:
+        print(f"config: {found} ({path} is not in the working directory)", flush=True)
+    return found
 
 
 def guarded(body: Callable[[], int], interrupted: str) -> int:
@@ -127,7 +158,7 @@ def _run_target(args: argparse.Namespace) -> tuple[Config, Path, bool]:
         if args.config is None:
             raise ConfigError("--config: required (or --resume RUN_DIR to continue a run)")
         out_dir = Path(args.output_dir) if args.output_dir else default_run_dir(args.config)
-        return load_config(args.config, args.set), out_dir, False
+        return load_config(config_file(args.config), args.set), out_dir, False
     given = [name for name, value in (("--config", args.config), ("--set", args.set), ("--output-dir", args.output_dir),
                                       ("--overwrite", args.overwrite)) if value]
     if given:
@@ -141,15 +172,18 @@ def _run_target(args: argparse.Namespace) -> tuple[Config, Path, bool]:
 def run_command(argv: list[str]) -> int:
     """`sim.py --config ...` / `sim.py --resume RUN_DIR`: run (or continue) one simulation."""
     parser = _parser("sim.py", "Run a flip-fl federated backdoor simulation.",
-                     config="YAML config file (see docs/CONFIG.md)",
+                     config="YAML config file (see docs/CONFIG.md); a bare file name not in the working directory "
+                            "is looked for in the project's configs/",
                      output_dir="where results go (default runs/<config-name>-<timestamp>)", config_required=False)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (overrides resources.ray_address)")
     parser.add_argument("--quiet", action="store_true",
                         help="plain lines (one per phase and per round) instead of the live display in a terminal")
+    parser.usage = RUN_USAGE
+    parser.epilog = COMMANDS_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     args = parser.parse_args(argv)
-    quiet_environment()
 
     with StopOnSignal() as stop:
 
@@ -191,7 +225,7 @@ def sweep_command(argv: list[str]) -> int:
     out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
 
     def body() -> int:
-        sweep = load_sweep(args.config, args.set)
+        sweep = load_sweep(config_file(args.config, "sweeps"), args.set)
         check_output_dir(out_dir)
         if args.report_only:
             results = write_report(sweep, out_dir)
@@ -220,7 +254,7 @@ def labels_command(argv: list[str]) -> int:
     out_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}")
 
     def body() -> int:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(config_file(args.config), args.set)
         check_output_dir(out_dir)
         check_stage_inputs(cfg, out_dir, stages)
         train, test = load_datasets(cfg)
@@ -233,18 +267,54 @@ def labels_command(argv: list[str]) -> int:
     return guarded(body, f"finished stage outputs are kept in {out_dir}")
 
 
+def config_docs_command(argv: list[str]) -> int:
+    """`sim.py config-docs`: print the configuration reference (docs/CONFIG.md) as markdown."""
+    parser = _Parser(prog="sim.py config-docs", description=COMMANDS["config-docs"][1] + ".")
+    parser.parse_args(argv)
+    sys.stdout.write(config_reference_markdown())
+    return 0
+
+
+def unknown_command(word: str) -> int:
+    """`sim.py sweeep`: one line naming the nearest subcommand (or how to give a config file); exit code 2."""
+    if word.endswith((".yaml", ".yml")) or Path(word).is_file():
+        hint = f"to run a config file give it with --config: python sim.py --config {word}"
+    else:
+        near = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.6)
+        hint = (f"did you mean {near[0]!r}?" if near
+                else f"the commands are {', '.join(COMMANDS)}; a run needs --config FILE")
+    print(f"error: unknown command {word!r}; {hint} (see python sim.py --help)", file=sys.stderr)
+    return 2
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "sweep": (sweep_command, "run a grid of simulations (a sweep file) into results.csv, a markdown table and plots"),
+    "labels": (labels_command, "the FLIP label-only attack pipeline: experts, labels, flips, user models"),
+    "config-docs": (config_docs_command, "print the configuration reference: every key, type, default, meaning"),
+}
+"""The subcommands: name -> (function, one-line description for --help)."""
+
+RUN_USAGE = """python sim.py --config FILE [--set KEY.PATH=VALUE ...] [--output-dir DIR] [--overwrite]
+                     [--ray-address ADDR] [--quiet]
+       python sim.py --resume RUN_DIR [--ray-address ADDR] [--quiet]
+       python sim.py {sweep,labels,config-docs} ...   (each has its own --help)"""
+COMMANDS_HELP = "commands (python sim.py COMMAND --help for each):\n" + "\n".join(
+    f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()) + """
+
+exit codes: 0 success; 2 bad input (one line naming the key, file or value, before Ray starts);
+1 runtime failure; 130 / 143 stopped by Ctrl-C / SIGTERM (resume with --resume RUN_DIR)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if os.getcwd() not in sys.path and "" not in sys.path:  # client classes are importable from the working directory
         sys.path.append(os.getcwd())
-    if argv[:1] == ["config-docs"]:
-        sys.stdout.write(config_reference_markdown())
-        return 0
-    if argv[:1] == ["sweep"]:
-        return sweep_command(argv[1:])
-    if argv[:1] == ["labels"]:
-        return labels_command(argv[1:])
+    quiet_environment()  # before anything imports flwr (it reads its telemetry switch on import)
+    if argv[:1] and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argv[1:])
+    if argv[:1] and not argv[0].startswith("-"):
+        return unknown_command(argv[0])
     return run_command(argv)
 
 

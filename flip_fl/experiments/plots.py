@@ -96,8 +96,10 @@ def run_figure(rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> Any
     if tau > 0:
         ax.plot(*_series(rows, "clean_acc_thresholded"), "--", color="tab:blue", label=f"clean accuracy @ tau {tau:g}")
         ax.plot(*_series(rows, "asr_thresholded"), "--", color="tab:red", label=f"ASR @ tau {tau:g}")
-        axes[1].plot(*_series(rows, "clean_reject_rate"), color="tab:blue", label="clean rejected")
-        axes[1].plot(*_series(rows, "backdoor_reject_rate"), color="tab:red", label="triggered rejected")
+        # the clean line solid and wide, the triggered one dashed over it: equal rates show both
+        axes[1].plot(*_series(rows, "clean_reject_rate"), "o-", ms=3, lw=2.5, color="tab:blue", label="clean rejected")
+        axes[1].plot(*_series(rows, "backdoor_reject_rate"), "s--", ms=3, lw=1.2, color="tab:red",
+                     label="triggered rejected")
         axes[1].set_ylabel("rejection rate")
     if detection:
         det = axes[-1]
@@ -113,11 +115,28 @@ def run_figure(rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> Any
         _round_axis(ax, last)
         if ax.lines:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    if tau > 0:  # rejection rates of a few percent are the cost a researcher weighs: do not flatten them on 0..1
-        rates = [v for key in ("clean_reject_rate", "backdoor_reject_rate") for v in _series(rows, key)[1]]
-        top = min(1.0, max([0.05, *rates]) * 1.15)
-        axes[1].set_ylim(-top * 0.03, top)
+    if tau > 0:
+        _rejection_scale(axes[1], rows)
     return fig
+
+
+def _rejection_scale(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Scale the rejection panel to the rates of the trained rounds (1, 2, ...).
+
+    Rejection rates of a few percent are the cost a researcher weighs: they must not be flattened on 0..1.
+    Round 0's untrained model is unsure of everything and rejects nearly all inputs at tau > 0; a rate
+    beyond the scale (round 0's, as a rule) is written in the panel instead.
+    """
+    keys = ("clean_reject_rate", "backdoor_reject_rate")
+    trained = [r for r in rows if r.get("round", 0) > 0] or list(rows)
+    rates = [v for key in keys for v in _series(trained, key)[1]]
+    top = min(1.0, max([0.05, *rates]) * 1.15)
+    ax.set_ylim(-top * 0.03, top)
+    above = [(r["round"], key, r[key]) for r in rows for key in keys if r.get(key) is not None and r[key] > top]
+    if above:
+        text = "; ".join(f"round {n} {key.split('_')[0].replace('backdoor', 'triggered')} {value:.0%}"
+                         for n, key, value in above[:4])
+        ax.text(0.01, 0.97, f"off scale: {text}", transform=ax.transAxes, fontsize=7, va="top")
 
 
 def plot_comparison(curves: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, title: str,

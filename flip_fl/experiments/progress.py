@@ -4,8 +4,9 @@ Three reporters with one interface:
 
 - `Progress`: shows nothing (library use, tests).
 - `PlainProgress`: plain lines, for logs, pipes and CI (and `--quiet`): one line per start-up phase, one
-  line per round (`format_round` plus the ETA; with FLIP defense clients their mean inversion and hardening
-  time), in a round slower than a minute an indented line per client reply, failure summaries on stderr.
+  line per round (`round_line`: `format_round` with the defense's detection of the round's attackers, plus
+  the ETA; with FLIP defense clients their mean inversion and hardening time), in a round slower than a
+  minute an indented line per client reply, failure summaries on stderr.
 - `LiveProgress`: a `rich` live display in a terminal: the current phase or round with a bar of the
   clients that replied, elapsed time and ETA over rounds, and each client's timings as its reply arrives
   (FLIP clients report `invert_seconds`, `harden_seconds`, inversion steps and triggers found); finished
@@ -35,6 +36,32 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def detection(row: Mapping[str, Any]) -> str:
+    """What a filtering defense did this round: `rejected 2/8, precision 0.50, recall 1.00` ('' for other rounds).
+
+    Precision is None (shown as -) when nothing was rejected, recall when no attacker took part.
+    """
+    if row.get("defense_skipped"):
+        return "defense skipped"
+    if "defense_rejected" not in row:
+        return ""
+    rejected, kept = row.get("defense_rejected") or [], row.get("defense_kept") or []
+    ratio = {k: "-" if row.get(f"detection_{k}") is None else f"{row[f'detection_{k}']:.2f}"
+             for k in ("precision", "recall")}
+    return (f"rejected {len(rejected)}/{len(rejected) + len(kept)}, precision {ratio['precision']}, "
+            f"recall {ratio['recall']}")
+
+
+def round_line(row: Mapping[str, Any]) -> str:
+    """The round's console line: `format_round`, with the defense's detection before the round's seconds."""
+    line = format_round(dict(row))
+    found = detection(row)
+    if not found:
+        return line
+    head, _, seconds = line.rpartition(" | ")
+    return f"{head} | {found} | {seconds}"
 
 
 def client_timings(partition: int, metrics: Mapping[str, float] | None, error: str | None,
@@ -146,7 +173,7 @@ class PlainProgress(Progress):
         self.clock.finish_round(int(row["round"]))
         eta = self.clock.eta()
         tail = f" | eta {duration(eta)}" if eta is not None and row["round"] < self.clock.num_rounds else ""
-        print(format_round(dict(row)) + tail, file=self.out, flush=True)
+        print(round_line(row) + tail, file=self.out, flush=True)
 
     def failure(self, lines: Sequence[str]) -> None:
         """Each summary line on stderr."""
@@ -203,7 +230,7 @@ class LiveProgress(Progress):
         self.clock.finish_round(int(row["round"]))
         with self.lock:
             self.status = "evaluated"
-        self.console.print(format_round(dict(row)), highlight=False)
+        self.console.print(round_line(row), highlight=False)
 
     def failure(self, lines: Sequence[str]) -> None:
         """Print the summary lines in red above the live area."""

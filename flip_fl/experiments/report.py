@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from flip_fl.evaluation.detection import precision_recall
-from flip_fl.experiments.grid import Point, Sweep, format_value, value_at, varying_keys
+from flip_fl.experiments.grid import ROW_PREFIXES, Point, Sweep, format_value, value_at, varying_keys
 from flip_fl.experiments.plots import describe_run, plot_comparison, read_metrics
 from flip_fl.tables import markdown_table, write_csv
 
@@ -19,31 +19,48 @@ RESULT_KEYS = ["clean_acc", "asr", "clean_acc_thresholded", "asr_thresholded", "
                "backdoor_reject_rate"]
 
 
-def _row_label(point: Point, row_keys: list[str]) -> str:
-    if point.label:
-        return point.label
-    parts = [format_value(value_at(point.cfg, k)) if k == "defense.name"
-             else f"{k}={format_value(value_at(point.cfg, k))}"
-             for k in row_keys]
-    return ", ".join(parts) or format_value(point.cfg.defense.name)
+def _parts(point: Point, keys: list[str]) -> list[str]:
+    """`key=value` of each key the point's config holds (a defense's parameters exist only for that defense)."""
+    return [format_value(value) if k == "defense.name" else f"{k}={format_value(value)}"
+            for k in keys if (value := value_at(point.cfg, k)) is not None]
+
+
+def _telling_apart(points: list[Point], keys: list[str], group: dict[str, str]) -> list[str]:
+    """The keys among `keys` whose value differs between points of one group (`group`: point name -> group)."""
+    needed = []
+    for key in keys:
+        seen: dict[str, set[str]] = {}
+        for p in points:
+            seen.setdefault(group[p.name], set()).add(format_value(value_at(p.cfg, key)))
+        if any(len(v) > 1 for v in seen.values()):
+            needed.append(key)
+    return needed
+
+
+def _row_labels(points: list[Point], row_keys: list[str], columns: dict[str, str]) -> dict[str, str]:
+    """Row label per point: its grid label, else its row keys' values, skipping keys its config does not hold.
+
+    A defense setting (`defense.*`, `flip_defense.*`, `roles.benign`) that is not a row key but tells two runs
+    of one cell apart is added to their labels (else they would be averaged as if they were seeds).
+    """
+    base = {p.name: p.label or ", ".join(_parts(p, row_keys)) or format_value(p.cfg.defense.name) for p in points}
+    unlabelled = [p for p in points if not p.label]
+    extra = [k for k in varying_keys(unlabelled) if k.startswith(ROW_PREFIXES) and k not in row_keys]
+    needed = _telling_apart(unlabelled, extra, {p.name: base[p.name] + "\0" + columns[p.name] for p in unlabelled})
+    return {p.name: base[p.name] if p.label else ", ".join([base[p.name], *_parts(p, needed)]) for p in points}
 
 
 def _column_labels(points: list[Point], row_keys: list[str]) -> dict[str, str]:
-    """Column label per point: dataset / attack mode, plus other non-seed keys that these do not determine."""
+    """Column label per point: dataset / attack mode, plus other non-seed keys that these do not determine.
+
+    Defense settings (`defense.*`, `flip_defense.*`, `roles.benign`) never split columns: they describe the
+    row, and each column keeps its undefended run for the cost ratios.
+    """
     shown = ("data.name", "attack.mode")
-    extra = [k for k in varying_keys(points) if k not in row_keys and k not in shown and k != "seed"]
-    needed = []
-    for key in extra:
-        seen: dict[tuple, set[str]] = {}
-        for p in points:
-            seen.setdefault(tuple(value_at(p.cfg, k) for k in shown), set()).add(format_value(value_at(p.cfg, key)))
-        if any(len(v) > 1 for v in seen.values()):
-            needed.append(key)
-    labels = {}
-    for p in points:
-        parts = [p.cfg.data.name, p.cfg.attack.mode] + [f"{k}={format_value(value_at(p.cfg, k))}" for k in needed]
-        labels[p.name] = " / ".join(parts)
-    return labels
+    extra = [k for k in varying_keys(points)
+             if k not in row_keys and k not in shown and k != "seed" and not k.startswith(ROW_PREFIXES)]
+    needed = _telling_apart(points, extra, {p.name: format_value([value_at(p.cfg, k) for k in shown]) for p in points})
+    return {p.name: " / ".join([p.cfg.data.name, p.cfg.attack.mode, *_parts(p, needed)]) for p in points}
 
 
 def error_line(log: Path) -> str:
@@ -118,11 +135,12 @@ def cost_lines(results: list[dict[str, Any]]) -> list[list[str]]:
 def collect(sweep: Sweep, sweep_dir: Path) -> list[dict[str, Any]]:
     """The result row of every point (finished, failed or not run), in grid order."""
     columns = _column_labels(sweep.points, sweep.row_keys)
+    rows = _row_labels(sweep.points, sweep.row_keys, columns)
     keys = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
     results = []
     for point in sweep.points:
         run_dir = sweep_dir / "runs" / point.name
-        results.append({"run": point.name, "row": _row_label(point, sweep.row_keys), "column": columns[point.name],
+        results.append({"run": point.name, "row": rows[point.name], "column": columns[point.name],
                         **{k: format_value(value_at(point.cfg, k)) for k in keys}, "seed": point.cfg.seed,
                         "undefended": undefended(point), **run_result(point, run_dir)})
     return results

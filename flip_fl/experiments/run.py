@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,10 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from flip_fl.config import Config, ConfigError, num_attackers, to_yaml
+from flip_fl.config.loading import PROJECT_CONFIGS
+from flip_fl.config.sections import DataConfig
 from flip_fl.data import ImageDataset, load_datasets, partition
+from flip_fl.data.sources import TORCHVISION
 from flip_fl.device import torch_device
 from flip_fl.errors import one_line
 from flip_fl.evaluation.evaluator import GlobalEvaluator, validation_split
@@ -39,7 +40,7 @@ from flip_fl.experiments.progress import Progress, make_progress
 from flip_fl.experiments.results import RUN_FILES, RunRecorder, holds_run
 from flip_fl.experiments.round_files import RoundSink, RoundTables, TensorBoardLog, check_tensorboard
 from flip_fl.experiments.run_config import app_run
-from flip_fl.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
+from flip_fl.federation.checkpoint import RunState, UnreadableFile, load_checkpoint, read_torch_file, save_checkpoint
 from flip_fl.federation.client import check_client_config, load_client_class
 from flip_fl.federation.client_app import app as client_app
 from flip_fl.federation.loop import RunInterrupted, ServerJob, serve
@@ -68,27 +69,69 @@ def check_client_classes(cfg: Config) -> None:
         check_client_config(load_client_class(dotted, key_path), cfg, key_path)
 
 
+def commented_commands(text: str) -> list[str]:
+    """The `python sim.py ...` commands in a config file's comments (continued lines joined, trailing comments cut)."""
+    commands: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        body = line.strip()
+        if not body.startswith("#"):
+            current = None
+            continue
+        body = body.lstrip("#").strip()
+        if current is None and body.startswith("python sim.py "):
+            current = []
+            commands.append("")
+        if current is None:
+            continue
+        continued = body.endswith("\\")
+        current.append(body.rstrip("\\").split(" # ")[0].strip())
+        commands[-1] = " ".join(" ".join(current).split())
+        if not continued:
+            current = None
+    return commands
+
+
+def maker_command(path: Path) -> str | None:
+    """The command that writes `path`, when it is the final model of a run a project config shows how to make.
+
+    The project's configs name their checkpoints `runs/<name>/final_model.pt` and show in their comments the
+    `python sim.py ... --output-dir runs/<name>` that writes one; else `configs/<name>.yaml` itself makes it.
+    """
+    if path.name != "final_model.pt" or not PROJECT_CONFIGS.is_dir():
+        return None
+    run_dir = path.parent
+    for config in sorted(PROJECT_CONFIGS.rglob("*.yaml")):
+        for command in commented_commands(config.read_text(errors="replace")):
+            words = command.split()
+            if "--output-dir" in words[:-1] and Path(words[words.index("--output-dir") + 1]) == run_dir:
+                return command
+    if (PROJECT_CONFIGS / f"{run_dir.name}.yaml").is_file():
+        return f"python sim.py --config configs/{run_dir.name}.yaml --output-dir {run_dir}"
+    return None
+
+
 def read_state_file(path: Path, key_path: str) -> dict[str, torch.Tensor]:
     """A state_dict (names -> tensors) from `path`, loaded tensors-only; every problem is a ConfigError.
 
     `torch.load(weights_only=True)` refuses pickled Python objects (code could run); its advice to load
-    with weights_only=False is not repeated.
+    with weights_only=False is not repeated. A missing checkpoint of a project config names the command that
+    makes it.
     """
     if not path.exists():
-        raise ConfigError(f"{key_path}: file not found: {path}")
+        command = maker_command(path)
+        hint = f"; make it with: {command}" if command else (
+            f"; a finished run with --output-dir {path.parent} writes it" if path.name == "final_model.pt" else "")
+        raise ConfigError(f"{key_path}: file not found: {path}{hint}")
     if not path.is_file():
         raise ConfigError(f"{key_path}: {path} is not a regular file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-        raise ConfigError(f"{key_path}: {path} is not a tensors-only PyTorch file; refused, nothing in it was run "
-                          f"({one_line(detail, 120)})") from None
-    except Exception as err:  # torch.load raises whatever its readers raise on a foreign file
-        raise ConfigError(f"{key_path}: {path} is not a PyTorch file ({type(err).__name__}: "
-                          f"{one_line(err, 120)})") from None
+        state = read_torch_file(path)
+    except UnreadableFile as err:
+        if err.refused:
+            raise ConfigError(f"{key_path}: {path} is not a tensors-only PyTorch file; refused, nothing in it was run "
+                              f"({err.reason})") from None
+        raise ConfigError(f"{key_path}: {path} is not a PyTorch file ({err.reason})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ConfigError(f"{key_path}: {path} holds a {type(state).__name__}, not a state_dict of named tensors "
@@ -108,6 +151,48 @@ def load_initial_state(cfg: Config, model: torch.nn.Module) -> None:
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ConfigError(f"server.initial_model: {path} has non-finite values (NaN or inf) in {name!r}")
+
+
+def check_data_files(cfg: Config) -> None:
+    """A torchvision dataset's folder must exist under data.root (unless data.download): checked before loading."""
+    spec = TORCHVISION.get(cfg.data.name)
+    if spec is None or cfg.data.download:
+        return
+    expected = Path(cfg.data.root).resolve() / spec.folder
+    if not expected.is_dir():
+        raise ConfigError(f"data.root: no {cfg.data.name} files found at {expected}; copy the dataset there or set "
+                          "data.download: true on a machine with internet access")
+
+
+def check_inputs(cfg: Config, ray_address: str | None = None) -> None:
+    """Every check that needs no data: client classes, resources, TensorBoard, data files, the initial model file.
+
+    What `prepare` checks first, and what a sweep checks for every point before its first run.
+    """
+    check_client_classes(cfg)
+    check_local_resources(cfg.resources, ray_address)
+    if cfg.results.tensorboard:
+        check_tensorboard()
+    check_data_files(cfg)
+    if cfg.server.initial_model:
+        read_state_file(Path(cfg.server.initial_model), "server.initial_model")
+
+
+def loading_data(cfg: Config) -> str:
+    """The `loading data` phase line; it says when data.root is set but not used (offline datasets)."""
+    unused = cfg.data.name not in TORCHVISION and cfg.data.root != DataConfig().root
+    return f"loading data: {cfg.data.name}" + (f" (data.root={cfg.data.root} is not used: {cfg.data.name} data "
+                                               "does not come from files)" if unused else "")
+
+
+def check_resumed_model(resume_from: RunState, model: torch.nn.Module, out_dir: Path) -> None:
+    """The checkpoint's global model must have the model's tensors, names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in resume_from.global_state.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise ConfigError(f"--resume: {out_dir / 'checkpoint.pt'}: damaged: its global model does not fit the "
+                          f"config's model ({wrong[0]!r})")
 
 
 def check_partitions(cfg: Config, train: ImageDataset) -> None:
@@ -196,21 +281,22 @@ def prepare(cfg: Config, out_dir: Path, *, resume: bool = False, overwrite: bool
     """Everything a run needs before Flower starts; bad input raises ConfigError here."""
     started = time.monotonic()
     progress = progress if progress is not None else Progress()
-    check_client_classes(cfg)
-    check_local_resources(cfg.resources, ray_address)
-    if cfg.results.tensorboard:
-        check_tensorboard()
-    progress.phase(f"loading data: {cfg.data.name}")
+    check_inputs(cfg, ray_address)
+    resume_from = open_run_dir(cfg, out_dir, resume=True, overwrite=False) if resume else None  # reads only
+    progress.phase(loading_data(cfg))
     train, test = load_datasets(cfg)
     check_partitions(cfg, train)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, train)
     if cfg.server.initial_model:
         load_initial_state(cfg, model)
+    if resume_from is not None:
+        check_resumed_model(resume_from, model, out_dir)
     initial_state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     device = torch_device(cfg.resources.num_gpus)
     validation, test = validation_split(cfg, evaluation_set(cfg, test))
-    resume_from = open_run_dir(cfg, out_dir, resume, overwrite)  # after every input check: nothing written before
+    if not resume:
+        open_run_dir(cfg, out_dir, resume, overwrite)  # after every input check: nothing written before
     resume_round = None if not resume else (resume_from.server_round if resume_from is not None else -1)
     sinks: list[RoundSink] = [RoundTables(out_dir, resume_round)]
     if cfg.results.tensorboard:

@@ -6,6 +6,10 @@ go one at a time unless `jobs` > 1 (each has its own local Ray cluster). A run
 whose directory holds summary.json is not rerun (its config must equal the requested one); an interrupted
 run continues from its checkpoint next time (`--resume`), a run that failed before its first checkpoint
 starts over (`--overwrite`), and both show as failed in the table until they finish.
+
+Before the first run, every point still to run is checked as `sim.py` would check it before Ray (client
+classes, resources, data files, the initial model file), so a missing checkpoint fails the sweep once, with
+the command that makes it, instead of failing every run a few seconds in.
 """
 
 from __future__ import annotations
@@ -53,6 +57,28 @@ def check_finished(sweep: Sweep, sweep_dir: Path) -> None:
         if (run_dir / "summary.json").is_file() and finished_config(run_dir) != point.cfg:
             raise ConfigError(f"{run_dir}: a finished run with a different config is in the way; "
                               "delete it or choose another --output-dir")
+
+
+def check_points(points: list[Point], ray_address: str | None) -> None:
+    """Each point's inputs that need no data (`run.check_inputs`); one ConfigError for the first problem found.
+
+    A problem every point shares (the usual case: the base config's checkpoint is missing) is named once.
+    """
+    from flip_fl.experiments.run import check_inputs  # imported here: it brings Flower, which reports do not need
+
+    problems: dict[str, list[str]] = {}
+    for point in points:
+        try:
+            check_inputs(point.cfg, ray_address)
+        except ConfigError as err:
+            problems.setdefault(str(err), []).append(point.name)
+    if not problems:
+        return
+    message, names = next(iter(problems.items()))
+    if len(names) == len(points) and len(points) > 1:
+        raise ConfigError(f"all {len(points)} runs: {message}")
+    more = f" (and {len(names) - 1} more runs)" if len(names) > 1 else ""
+    raise ConfigError(f"run {names[0]}{more}: {message}")
 
 
 def run_point(point: Point, run_dir: Path, ray_address: str | None) -> tuple[bool, str]:
@@ -104,15 +130,15 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, ray_address: str | None = None, job
     if jobs < 1:
         raise ConfigError(f"--jobs: {jobs} must be at least 1")
     check_finished(sweep, sweep_dir)
+    total = len(sweep.points)
+    todo = [(i, p) for i, p in enumerate(sweep.points, 1) if finished_config(sweep_dir / "runs" / p.name) is None]
+    check_points([p for _, p in todo], ray_address)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep.spec, sort_keys=False))
-    total = len(sweep.points)
-    todo = []
+    to_run = {i for i, _ in todo}
     for i, point in enumerate(sweep.points, 1):
-        if finished_config(sweep_dir / "runs" / point.name) is not None:
+        if i not in to_run:
             echo(f"[{i}/{total}] {point.name}: finished before, skipped")
-        else:
-            todo.append((i, point))
     lock = threading.Lock()
     clock = SweepClock(len(todo), jobs, done=total - len(todo))
 

@@ -8,6 +8,8 @@ moment leaves the previous round's checkpoint or the new one, never half of one.
 
 The file is a `torch.save` of plain containers, numbers and tensors (arrays are stored as dtype, shape and
 their raw bytes, so every numpy dtype comes back bit for bit) and loads with `torch.load(..., weights_only=True)`.
+`read_torch_file` is that load for every file a run reads (checkpoints, `server.initial_model`): whatever a
+damaged or foreign file makes torch raise becomes one `UnreadableFile` with a short reason.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,55 @@ from typing import Any
 import numpy as np
 import torch
 
+from flip_fl.errors import one_line
 from flip_fl.federation.protocol import ClientState
 
 FORMAT = 1
 FILENAME = "checkpoint.pt"
+
+
+class UnreadableFile(ValueError):
+    """A file `torch.load(weights_only=True)` cannot read (nothing from it was run).
+
+    `refused`: the tensors-only unpickler stopped at something it does not allow (Python objects, or
+    garbage that looks like a pickle); otherwise the file is damaged or not a PyTorch file at all.
+    """
+
+    def __init__(self, reason: str, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.refused = reason, refused
+
+
+def short_reason(err: BaseException, limit: int = 100) -> str:
+    """The gist of what torch.load raised, on one line of at most `limit` characters.
+
+    torch's weights-only refusal is a paragraph of advice around one useful sentence (after
+    "WeightsUnpickler error:"); other errors keep their first sentence.
+    """
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    first = re.split(r"(?<=[a-z0-9)])\.\s", text, maxsplit=1)[0] if text else ""
+    detail = first.rstrip(".") or "no further detail"
+    return one_line(f"{type(err).__name__}: {detail}", limit)
+
+
+def read_torch_file(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, quietly; any failure is an UnreadableFile.
+
+    Tensors-only loading never runs code from the file; a damaged or foreign file makes torch raise
+    almost anything (UnpicklingError, RuntimeError, IndexError, KeyError, UnicodeDecodeError, EOFError,
+    ...) and warn about unknown pickle protocols: all of it becomes one short reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnreadableFile(short_reason(err), refused=True) from None  # the weights-only unpickler stopped
+    except Exception as err:  # torch.load raises whatever its readers raise on a foreign file
+        raise UnreadableFile(short_reason(err)) from None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -96,20 +145,47 @@ def save_checkpoint(run_dir: Path, state: RunState, config_yaml: str) -> Path:
 def load_checkpoint(run_dir: Path) -> tuple[RunState, str] | None:
     """The checkpoint in `run_dir` and the config it was written under (None when there is none).
 
-    Raises ValueError when the file is not a checkpoint of this format.
+    Raises ValueError, with a one-line message naming the file and a short reason, when the file is not a
+    complete checkpoint of this format (damaged, truncated, foreign, or holding Python objects).
     """
     path = run_dir / FILENAME
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
+        payload = read_torch_file(path)
+    except UnreadableFile as err:
+        raise ValueError(f"{path}: not a checkpoint written by flip-fl: {err.reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a flip-fl checkpoint of format {FORMAT}")
+    try:
+        state = _run_state(payload)
+        _check_rng(state.rng)
+        return state, _text(payload["config"])
+    except Exception as err:  # a damaged payload fails anywhere in decoding: say which part, never a traceback
+        raise ValueError(f"{path}: damaged flip-fl checkpoint ({short_reason(err, 80)})") from None
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"config is a {type(value).__name__}, not text")
+    return value
+
+
+def _run_state(payload: dict[str, Any]) -> RunState:
+    """The RunState of a checkpoint payload (KeyError, TypeError, ValueError, ... when it is damaged)."""
     clients = {int(pid): ClientState(arrays=_decode_arrays(c["arrays"]), values=dict(c["values"]))
                for pid, c in payload["clients"].items()}
-    state = RunState(server_round=int(payload["round"]), global_state=_decode_arrays(payload["global"]),
-                     strategy=_decode_arrays(payload["strategy"]), clients=clients, rng=payload["rng"])
-    return state, str(payload["config"])
+    server_round = payload["round"]
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+        raise ValueError(f"round {server_round!r} is not a round number")
+    return RunState(server_round=server_round, global_state=_decode_arrays(payload["global"]),
+                    strategy=_decode_arrays(payload["strategy"]), clients=clients, rng=payload["rng"])
+
+
+def _check_rng(rng: Any) -> None:
+    """Restore the saved generator states once (then put the current ones back): a damaged one raises here."""
+    current = capture_rng()
+    try:
+        restore_rng(rng)
+    finally:
+        restore_rng(current)

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state
 from flip_fl.federation.rounds import RoundRecord
-from strategies import Defense, build_strategy
+from strategies import SeededFedAvg, build_strategy
 from strategies.seeded_fedavg import arrays_to_numpy
 from tests.tiny import tiny_config
 
@@ -68,7 +68,7 @@ def config(name: str, *overrides: str, n: int = N, bad: Sequence[int] = (BAD,)):
                        f"federation.clients_per_round={n}", f"attack.malicious_ids={list(bad)}", *overrides)
 
 
-def strategy(name: str, *overrides: str, n: int = N, bad: Sequence[int] = (BAD,)) -> Defense:
+def strategy(name: str, *overrides: str, n: int = N, bad: Sequence[int] = (BAD,)) -> SeededFedAvg:
     """The strategy `defense.name=name` builds, nodes NODE + partition id."""
     cfg = config(name, *overrides, n=n, bad=bad)
     return build_strategy(cfg, {NODE + pid: pid for pid in range(cfg.federation.num_clients)}, {})
@@ -79,7 +79,7 @@ def trained(g: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> dict[str
     return {k: (g[k] + update[k]).astype(g[k].dtype) for k in g}
 
 
-def start_round(strat: Defense, global_state: dict[str, np.ndarray], server_round: int = 1, n: int = N,
+def start_round(strat: SeededFedAvg, global_state: dict[str, np.ndarray], server_round: int = 1, n: int = N,
                 attacking: Sequence[int] = (BAD,), malicious: Sequence[int] = (BAD,)) -> None:
     """What `configure_train` leaves behind: the global model and the round's record (partitions 0..n-1 sampled)."""
     strat.global_state = global_state
@@ -87,7 +87,7 @@ def start_round(strat: Defense, global_state: dict[str, np.ndarray], server_roun
                                              attacking=list(attacking), started=0.0)
 
 
-def aggregate(strat: Defense, global_state: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]],
+def aggregate(strat: SeededFedAvg, global_state: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]],
               server_round: int = 1, attacking: Sequence[int] = (BAD,),
               examples: Sequence[int] = EXAMPLES) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
     """Run the strategy's aggregate_train on shuffled replies; (new global, delta matrix U, round extra)."""
@@ -145,7 +145,7 @@ HOSTILE = 5
 """A benign partition whose reply the hostile-reply tests break (BAD = 3 attacks as usual)."""
 
 
-def hostile_round(strat: Defense, fault: Callable[[dict[str, np.ndarray]], Any], server_round: int = 1,
+def hostile_round(strat: SeededFedAvg, fault: Callable[[dict[str, np.ndarray]], Any], server_round: int = 1,
                   global_state: dict[str, np.ndarray] | None = None, examples: Sequence[int] = EXAMPLES
                   ) -> tuple[dict[str, np.ndarray], RoundRecord]:
     """One round in which partition HOSTILE sends `fault` applied to its trained state; (new global, record)."""

@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 
 from flip_fl.config import ConfigError, config_reference_markdown, defense_params, from_yaml, to_yaml
 from flip_fl.config.schema import params_class
-from strategies import DEFENSES, Defense, build_strategy
+from strategies import DEFENSES, Defense, SeededFedAvg, build_strategy
 from strategies.factory import federation_options
 from tests.defenses.rounds import (
     EXAMPLES,
@@ -49,13 +49,22 @@ from tests.defenses.rounds import (
 from tests.tiny import tiny_config
 
 NAMES = DEFENSES.names
-NUM_DEFENSES = 13  # the defenses of docs/DEFENSES.md; a new one raises it
 
 NOT_FILTERING = {
     "fedavg": "no defense: the (example-weighted) mean of every update",
     "foolsgold": "down-weights clients whose accumulated updates look alike (sybils, test_foolsgold.py); a lone "
                  "outlier looks like no one",
     "rlr": "reverses the server step on sign-disputed coordinates; every client keeps its weight (test_rlr.py)",
+    "deepsight": "discards only clusters of updates labelled suspicious by their output-layer energy spread, which "
+                 "is scale-invariant: a scaled copy of the clean direction is not suspicious, it is kept and "
+                 "clipped to the median norm (a backdoor-like outlier is rejected: test_deepsight.py)",
+    "fldetector": "flags clients whose updates disagree with their L-BFGS predictions over N rounds of history: a "
+                  "round-1 outlier has none, and the median bounds it (detection: test_fldetector.py)",
+    "flare": "soft trust: a client nobody votes for keeps exp(0) / sum exp(c / (tau mean c)), about 3.5% of the "
+             "weight at 10 clients (test_flare.py)",
+    "centered_clip": "clips each update's distance from the previous aggregate to tau and rejects no one: a lone "
+                     "outlier still moves the aggregate by up to tau / n, with the official tau = 100 more than a "
+                     "clean update's norm here (the bound: test_centered_clip.py)",
 }
 """Defenses that do not reject or down-weight a lone outlier by design, and why."""
 
@@ -73,7 +82,9 @@ PARAMS = [(name, field.name) for name in NAMES for field in params_fields(name)]
 
 
 def test_registry_matches_the_config_choices():
-    assert set(DEFENSES) == set(DEFENSES.names) and len(DEFENSES) == NUM_DEFENSES
+    assert set(DEFENSES) == set(DEFENSES.names) and len(DEFENSES) >= 13
+    documented = set(re.findall(r"^\| `(\w+)` \|", Path("docs/DEFENSES.md").read_text(), re.MULTILINE))
+    assert set(NAMES) <= documented, f"defenses without a row in docs/DEFENSES.md: {set(NAMES) - documented}"
     assert "fedavg" in NAMES and type(strategy("fedavg")).__name__ == "FedAvgDefense"
     row = next(line for line in config_reference_markdown().splitlines() if line.startswith("| `defense.name` |"))
     assert re.findall(r"'(\w+)'", row.split("|")[2]) == list(NAMES)
@@ -82,13 +93,14 @@ def test_registry_matches_the_config_choices():
 @pytest.mark.parametrize("name", NAMES)
 def test_the_name_builds_its_class(name):
     cls = DEFENSES[name]
-    assert issubclass(cls, Defense) and cls.name == name and DEFENSES.lookup(name) is cls
+    assert issubclass(cls, SeededFedAvg) and cls.name == name and DEFENSES.lookup(name) is cls
+    assert issubclass(cls, Defense) != (name == "fedavg")  # every defense but "no defense" is a `rule`
     strat = strategy(name)
     assert type(strat) is cls and type(strat).name == name
 
 
 def test_an_unknown_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="defense.name: unknown defense 'trimmed'; choose one of bulyan, "):
+    with pytest.raises(ConfigError, match="defense.name: unknown defense 'trimmed'; choose one of alignins, bulyan, "):
         tiny_config("federation.num_clients=8", "federation.clients_per_round=7", "attack.num_malicious=1",
                     "defense.name=trimmed")
 
@@ -115,7 +127,7 @@ def test_the_default_params_build_the_strategy(name):
     assert isinstance(options, dict)
     strat = cls(**federation_options(cfg, {NODE + pid: pid for pid in range(8)}, {}), **options)
     assert isinstance(strat, cls) and strat.server_lr == cfg.server.lr
-    assert cls.held_out(params_class(cls)(), cfg, 300) is None or name == "fltrust"
+    assert cls.held_out(params_class(cls)(), cfg, 300) is None or name in ("fltrust", "flare")
 
 
 # --------------------------------------------------------------------------- Params in the config
