@@ -1,4 +1,4 @@
-"""DeepSight (Rieger et al., NDSS 2022): suspicious labels, ensemble clustering, suspicious clusters dropped, clipping."""
+"""DeepSight (Rieger et al., NDSS 2022): suspicious labels, ensemble clustering, suspicious clusters out, clipping."""
 
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ class FLDetectorDefense(Defense):
 
     A client flagged by the gap statistic and k-means on the suspicious scores is excluded from that round on:
     its updates are never aggregated again (`defense_rejected` every round it is sampled). Detection needs
-    the Hessian window to be full (N + 1 rounds of history, from round N + 2); until then every client is
-    kept and the rule is the aggregation alone. The histories (window-bounded) and the excluded clients are
-    checkpointed (`state_dict`).
+    the Hessian window to be full (N + 1 rounds of history, from round N + 2) and stops once it has flagged
+    clients; until it runs every client is kept and the rule is the aggregation alone. The histories
+    (window-bounded) and the excluded clients are checkpointed (`state_dict`).
 
     Args:
         window: N, the rounds of global history behind the L-BFGS Hessian and of distances behind a score.

@@ -270,22 +270,24 @@ def division_differences(logits: Logits, num_models: int, input_shape: Sequence[
     out: list[np.ndarray] = []
     with torch.no_grad():
         for gen in generators:
-            state = gen.get_state()
-
-            def log_probs(i: int | None) -> torch.Tensor:
-                gen.set_state(state)
-                parts = []
-                for start in range(0, num_samples, batch_size):
-                    b = min(batch_size, num_samples - start)
-                    x = torch.rand((b, *input_shape), generator=gen).to(device)
-                    parts.append(torch.log_softmax(logits(i, x).double(), dim=1).cpu())
-                return torch.cat(parts)
-
-            reference = log_probs(None)
+            start = gen.get_state()
+            reference = _log_probs(logits, None, gen, start, input_shape, num_samples, batch_size, device)
             rows = []
             for i in range(num_models):
-                ratio = torch.nan_to_num(log_probs(i) - reference, nan=LOG_RATIO_BOUND, posinf=LOG_RATIO_BOUND,
+                local = _log_probs(logits, i, gen, start, input_shape, num_samples, batch_size, device)
+                ratio = torch.nan_to_num(local - reference, nan=LOG_RATIO_BOUND, posinf=LOG_RATIO_BOUND,
                                          neginf=-LOG_RATIO_BOUND)
                 rows.append(torch.exp(ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).mean(dim=0).numpy())
             out.append(np.stack(rows) if rows else np.zeros((0, reference.shape[1])))
     return np.stack(out)
+
+
+def _log_probs(logits: Logits, i: int | None, gen: torch.Generator, start: torch.Tensor, input_shape: Sequence[int],
+               num_samples: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Model i's float64 log-softmax (CPU) on the inputs `gen` draws from state `start`, batch by batch."""
+    gen.set_state(start)
+    parts = []
+    for first in range(0, num_samples, batch_size):
+        x = torch.rand((min(batch_size, num_samples - first), *input_shape), generator=gen).to(device)
+        parts.append(torch.log_softmax(logits(i, x).double(), dim=1).cpu())
+    return torch.cat(parts)

@@ -11,9 +11,12 @@ Each round t, with w_t the global model (trained parameters) and u_t^i client i'
 3. **Distances**: d_t^i = ||û_t^i - u_t^i||, normalised as d_t / ||d_t||_1 (`normalised_distances`, times
    the number of predicted clients, so rounds with different numbers of replies weigh alike).
 4. **Suspicious score**: s_t^i = the mean of client i's normalised distances over the last N rounds.
-5. **Detection**: the gap statistic on the scores decides whether there is more than one group
-   (`gap_statistic_clusters`); if so, k-means with k = 2 splits them and the cluster with the larger mean
-   score is flagged (`flag_high_cluster`). 1-D k-means is solved exactly (`kmeans_1d`).
+5. **Detection**, once the Hessian window is full: the gap statistic on the scores of every client with one
+   decides whether there is more than one group (`gap_statistic_clusters`); if so, k-means with k = 2 splits
+   them and the cluster with the larger mean score is flagged (`flag_high_cluster`; 1-D k-means is solved
+   exactly, `kmeans_1d`). The flagged clients are excluded from then on and detection stops, as the authors'
+   code stops at its first detection (repeating the test every round would flag benign clients sooner or
+   later: on 10 benign scores the gap statistic finds two groups one time in ten to one in six).
 
 `FLDetectorState` keeps the bounded histories across rounds: the last N + 1 global models and global
 updates (float32), each client's last update while it is within that window (float32) and its normalised
@@ -249,7 +252,8 @@ def fldetector_round(state: FLDetectorState, server_round: int, model: np.ndarra
 
     `weights`: each client's coefficient (0 for excluded ones; median: the coordinate shares). `kept`: not
     excluded. arrays: `"scores"` (NaN without a score), `"distances"` (NaN without a prediction), `"flagged"`
-    (flagged this round). info: `predicted`, `hessian_pairs`, `detection`, `clusters`, `flagged`, `excluded`.
+    (flagged this round). info: `predicted`, `hessian_pairs`, `detection` (the test ran), `clusters` (the gap
+    statistic's answer), `flagged` (clients flagged, this round's or not), `excluded` (all so far).
     """
     U = as_updates(U)
     n, d = U.shape
@@ -262,8 +266,30 @@ def fldetector_round(state: FLDetectorState, server_round: int, model: np.ndarra
         raise ValueError(f"the stored history has {state.models[0].shape[0]} parameters, the updates {d}")
     pids = [int(p) for p in clients]
     active = np.array([p not in state.excluded for p in pids], dtype=bool)
+    predicted, distances, pairs = _predict_and_score(state, server_round, model, U, pids, active)
+    scores = np.array([np.nan if (s := state.score(p)) is None else s for p in pids])
+    detection, clusters, caught = _detect(state, rng)
+    flagged = np.array([p in caught for p in pids], dtype=bool)
+    kept = active & ~flagged
+    delta, coefficients = _aggregate_kept(U, kept, aggregation, weights)
+    _remember(state, server_round, model, U, pids, kept, delta)
 
-    # 1-3: predictions and normalised distances of the clients with a usable last update
+    return AggregationOutcome(
+        delta=delta,
+        weights=coefficients,
+        kept=kept,
+        info={"predicted": len(predicted), "hessian_pairs": pairs, "detection": bool(detection),
+              "clusters": int(clusters), "flagged": len(caught), "excluded": len(state.excluded)},
+        arrays={"scores": scores, "distances": distances, "flagged": flagged},
+    )
+
+
+def _predict_and_score(state: FLDetectorState, server_round: int, model: np.ndarray, U: np.ndarray,
+                       pids: list[int], active: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray, int]:
+    """Steps 1-4: the active clients' predicted updates and normalised distances, and the L-BFGS pairs used.
+
+    The distances of the last N rounds stay in `state`.
+    """
     S, Y = state.hessian_pairs()
     predicted: dict[int, np.ndarray] = {}
     if len(S):
@@ -278,37 +304,42 @@ def fldetector_round(state: FLDetectorState, server_round: int, model: np.ndarra
             prediction = state.last_update[pids[i]].astype(np.float64) + steps[tau]
             if np.isfinite(prediction).all():
                 predicted[int(i)] = prediction
-    distances = np.full(n, np.nan)
+    distances = np.full(len(pids), np.nan)
     if predicted:
-        rows = sorted(predicted)
-        distances[rows] = normalised_distances(np.stack([predicted[i] for i in rows]), U[rows])
-        for i in rows:
-            state.distances.setdefault(pids[i], {})[server_round] = float(distances[i])
+        order = sorted(predicted)
+        distances[order] = normalised_distances(np.stack([predicted[j] for j in order]), U[order])
+        for j in order:
+            state.distances.setdefault(pids[j], {})[server_round] = float(distances[j])
     for pid in list(state.distances):  # 4: the window of the last N rounds
         kept_rounds = {r: v for r, v in state.distances[pid].items() if r > server_round - state.window}
         if kept_rounds:
             state.distances[pid] = kept_rounds
         else:
             del state.distances[pid]
-    scores = np.array([np.nan if (s := state.score(p)) is None else s for p in pids])
+    return predicted, distances, int(len(S))
 
-    # 5: detection among this round's active clients with a score
-    flagged = np.zeros(n, dtype=bool)
-    scored = np.flatnonzero(active & np.isfinite(scores))
-    clusters = 0
-    detection = state.ready() and len(scored) >= 3
+
+def _detect(state: FLDetectorState, rng: np.random.Generator) -> tuple[bool, int, list[int]]:
+    """Step 5, among every client with a score, until the first time it flags clients: (ran, clusters, caught)."""
+    candidates = sorted(state.distances)
+    clusters, caught = 0, []
+    detection = state.ready() and not state.excluded and len(candidates) >= 3
     if detection:
-        clusters = gap_statistic_clusters(scores[scored], rng)
+        values = np.array([state.score(p) for p in candidates], dtype=np.float64)
+        clusters = gap_statistic_clusters(values, rng)
         if clusters > 1:
-            flagged[scored[flag_high_cluster(scores[scored])]] = True
-    for i in np.flatnonzero(flagged):
-        state.excluded.add(pids[i])
-        state.last_round.pop(pids[i], None)
-        state.last_update.pop(pids[i], None)
-        state.distances.pop(pids[i], None)
-    kept = active & ~flagged
+            caught = [p for p, high in zip(candidates, flag_high_cluster(values)) if high]
+    for pid in caught:
+        state.excluded.add(pid)
+        state.last_round.pop(pid, None)
+        state.last_update.pop(pid, None)
+        state.distances.pop(pid, None)
+    return detection, clusters, caught
 
-    # aggregation of the clients still trusted
+
+def _aggregate_kept(U: np.ndarray, kept: np.ndarray, aggregation: str, weights: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The aggregate of the clients still trusted and each client's coefficient (0 for the others)."""
+    n, d = U.shape
     coefficients = np.zeros(n)
     delta = np.zeros(d)
     if kept.any():
@@ -319,8 +350,12 @@ def fldetector_round(state: FLDetectorState, server_round: int, model: np.ndarra
         else:
             w = client_weights(None if weights is None else np.asarray(weights, dtype=np.float64)[rows], len(rows))
             delta, coefficients[rows] = w @ U[rows], w
+    return delta, coefficients
 
-    # the histories: this round's model and update, the kept clients' updates, all bounded by the window
+
+def _remember(state: FLDetectorState, server_round: int, model: np.ndarray, U: np.ndarray, pids: list[int],
+              kept: np.ndarray, delta: np.ndarray) -> None:
+    """The histories: this round's model and update, the kept clients' updates, all bounded by the window."""
     state.rounds.append(int(server_round))
     state.models.append(model.astype(np.float32))
     state.aggregates.append(delta.astype(np.float32))
@@ -331,12 +366,3 @@ def fldetector_round(state: FLDetectorState, server_round: int, model: np.ndarra
     oldest = state.rounds[0]
     for pid in [p for p, r in state.last_round.items() if r < oldest]:
         del state.last_round[pid], state.last_update[pid]
-
-    return AggregationOutcome(
-        delta=delta,
-        weights=coefficients,
-        kept=kept,
-        info={"predicted": len(predicted), "hessian_pairs": int(len(S)), "detection": bool(detection),
-              "clusters": int(clusters), "flagged": int(flagged.sum()), "excluded": len(state.excluded)},
-        arrays={"scores": scores, "distances": distances, "flagged": flagged},
-    )
