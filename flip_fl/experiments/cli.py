@@ -132,7 +132,7 @@ def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
 def config_file(path: str, folder: str = "") -> Path:
     """The file `--config path` means (`resolve_config`); says which one when it was found in the project's configs/."""
     found = resolve_config(path, folder)
-    if str(found) != path:
+    if found != Path(path):
         print(f"config: {found} ({path} is not in the working directory)", flush=True)
     return found
 

@@ -129,9 +129,12 @@ def read_state_file(path: Path, key_path: str) -> dict[str, torch.Tensor]:
         state = read_torch_file(path)
     except UnreadableFile as err:
         if err.refused:
+            pickled = "holds a pickled" in err.reason
+            hint = "; save a state_dict: torch.save(model.state_dict(), path)" if pickled else ""
             raise ConfigError(f"{key_path}: {path} is not a tensors-only PyTorch file; refused, nothing in it was run "
-                              f"({err.reason})") from None
-        raise ConfigError(f"{key_path}: {path} is not a PyTorch file ({err.reason})") from None
+                              f"({err.reason}){hint}") from None
+        what = "is a damaged or truncated PyTorch file" if err.damaged else "is not a PyTorch file"
+        raise ConfigError(f"{key_path}: {path} {what} ({err.reason})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ConfigError(f"{key_path}: {path} holds a {type(state).__name__}, not a state_dict of named tensors "
@@ -147,7 +150,7 @@ def load_initial_state(cfg: Config, model: torch.nn.Module) -> None:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"server.initial_model: {path} does not fit model.name={cfg.model.name} "
-                          f"({one_line(err)})") from None
+                          f"({one_line(err, 100)})") from None
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ConfigError(f"server.initial_model: {path} has non-finite values (NaN or inf) in {name!r}")

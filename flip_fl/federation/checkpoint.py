@@ -37,21 +37,25 @@ class UnreadableFile(ValueError):
     """A file `torch.load(weights_only=True)` cannot read (nothing from it was run).
 
     `refused`: the tensors-only unpickler stopped at something it does not allow (Python objects, or
-    garbage that looks like a pickle); otherwise the file is damaged or not a PyTorch file at all.
+    garbage that looks like a pickle). `damaged`: the file is a PyTorch (zip) file that cannot be read to
+    the end, e.g. truncated. Otherwise it is not a PyTorch file at all.
     """
 
-    def __init__(self, reason: str, refused: bool = False) -> None:
+    def __init__(self, reason: str, refused: bool = False, damaged: bool = False) -> None:
         super().__init__(reason)
-        self.reason, self.refused = reason, refused
+        self.reason, self.refused, self.damaged = reason, refused, damaged
 
 
-def short_reason(err: BaseException, limit: int = 100) -> str:
+def short_reason(err: BaseException, limit: int = 90) -> str:
     """The gist of what torch.load raised, on one line of at most `limit` characters.
 
     torch's weights-only refusal is a paragraph of advice around one useful sentence (after
     "WeightsUnpickler error:"); other errors keep their first sentence.
     """
-    text = str(err)
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if pickled:
+        return one_line(f"{type(err).__name__}: it holds a pickled {pickled.group(1)}", limit)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
     text = " ".join(text.split())
@@ -71,10 +75,12 @@ def read_torch_file(path: Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnreadableFile(short_reason(err), refused=True) from None  # the weights-only unpickler stopped
     except Exception as err:  # torch.load raises whatever its readers raise on a foreign file
-        raise UnreadableFile(short_reason(err)) from None
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's container, so a damaged (e.g. truncated) PyTorch file
+        # the weights-only unpickler stopped: at a Python object, or at garbage outside torch's container
+        refused = isinstance(err, pickle.UnpicklingError) and ("Unsupported global" in str(err) or not zipped)
+        raise UnreadableFile(short_reason(err), refused=refused, damaged=zipped and not refused) from None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -154,7 +160,8 @@ def load_checkpoint(run_dir: Path) -> tuple[RunState, str] | None:
     try:
         payload = read_torch_file(path)
     except UnreadableFile as err:
-        raise ValueError(f"{path}: not a checkpoint written by flip-fl: {err.reason}") from None
+        what = "damaged or truncated" if err.damaged else "not written by flip-fl"
+        raise ValueError(f"{path}: not a readable checkpoint ({what}: {err.reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a flip-fl checkpoint of format {FORMAT}")
     try:
