@@ -169,6 +169,19 @@ class AttackConfig:
         gt=0.0,
     )
     project_every: int = key(1, "Project onto the norm ball every k optimiser steps (and always at the end).", ge=1)
+    neurotoxin_topk: float = key(
+        5.0,
+        "clients.NeurotoxinClient: percentage k of the coordinates, the largest of the benign direction, on which the "
+        "attacker's gradient is zeroed (the Neurotoxin authors' commands: 5).",
+        gt=0.0,
+        lt=100.0,
+    )
+    lifespan_threshold: float = key(
+        0.5,
+        "summary.json's lifespan: rounds from the last attack round until the ASR first falls below this (Neurotoxin).",
+        gt=0.0,
+        le=1.0,
+    )
 
 
 @dataclass

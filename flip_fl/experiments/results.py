@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +98,36 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
                 return
 
 
+def backdoor_lifespan(rows: Iterable[Mapping[str, Any]], threshold: float, after: int = 10) -> dict[str, Any]:
+    """How long the backdoor outlives the attack, from a run's metric rows in round order (read once, kept flat).
+
+    `last_attack_round` L is the last round whose row has `attack_round` true (null: no attack). `lifespan` is
+    r - L for the first round r > L whose `asr` is below `threshold` (Neurotoxin's durability measure: 1 = gone
+    in the first round without attack), 0 when the ASR of round L itself is already below it, and null when the
+    ASR never falls below it within the run (the backdoor outlived the run: at least the rounds played after L)
+    or there was no attack. `asr_at_last_attack` is round L's ASR, `asr_10_after` (for `after` = 10) the ASR of
+    round L + `after` (null when the run is shorter). Rows without an ASR are skipped.
+    """
+    last, asr_last, fell, asr_after = None, None, None, None
+    for row in rows:
+        rnd, asr = row["round"], row.get("asr")
+        if row.get("attack_round"):
+            last, asr_last, fell, asr_after = rnd, asr, None, None
+        elif last is not None and rnd > last:
+            if fell is None and asr is not None and asr < threshold:
+                fell = rnd
+            if rnd == last + after:
+                asr_after = asr
+    if last is None:
+        lifespan = None
+    elif asr_last is not None and asr_last < threshold:
+        lifespan = 0
+    else:
+        lifespan = None if fell is None else fell - last
+    return {"last_attack_round": last, "asr_at_last_attack": asr_last, "lifespan": lifespan,
+            "lifespan_threshold": threshold, f"asr_{after}_after": asr_after}
+
+
 def keep_rounds(path: Path, last_round: int) -> None:
     """Rewrite a metrics.jsonl with its rows up to `last_round` only (atomically)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -121,6 +151,7 @@ class RunRecorder:
         self.sinks = list(sinks)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
+        self.lifespan_threshold = cfg.attack.lifespan_threshold
         if resume_round is None:
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
             self.metrics_path.write_text("")
@@ -153,7 +184,10 @@ class RunRecorder:
         return write_csv(self.out_dir / name, rows)
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """summary.json: final metrics, best/peak values and timings (read back from metrics.jsonl)."""
+        """summary.json: final metrics, best/peak values, the backdoor's lifespan (`backdoor_lifespan`) and timings.
+
+        All read back from metrics.jsonl.
+        """
         count, last, max_asr, failures = 0, {}, None, 0
         for row in read_rows(self.metrics_path):
             if row["round"] == 0 and count == 0:
@@ -168,6 +202,7 @@ class RunRecorder:
             "max_asr": max_asr,
             "total_failures": failures,
             "wall_seconds": time.time() - self.started,
+            **backdoor_lifespan(read_rows(self.metrics_path), self.lifespan_threshold),
             **extra,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
