@@ -212,6 +212,17 @@ class Defense(SeededFedAvg):
         record.extra.update(detection_fields(list(clients), record.attacking, decision, row_norms(updates.matrix)))
         return self.model_from_delta(delta), self.train_metrics(replies)
 
+    def client_models(self, updates: RoundUpdates) -> tuple[npt.NDArray[np.floating[Any]], FloatArray]:
+        """The clients' trained parameters as they sent them, and the global model's (float64).
+
+        Global + update in the global model's float dtype: the updates are exact float64 differences of
+        float32 models, so this gives back the clients' own numbers, for rules defined on models.
+        """
+        trained = ~bn_statistic_mask(self.global_state)
+        dtype = np.result_type(*[v.dtype for v in self.global_state.values() if v.dtype.kind == "f"])
+        global_params = flatten_state([self.global_state])[0][trained]
+        return (global_params + updates.matrix).astype(dtype), global_params
+
     def client_updates(self, replies: list[Message]) -> FloatArray:
         """The float64 update matrix (n_clients, d), entries in the global state's key order."""
         keys = list(self.global_state)

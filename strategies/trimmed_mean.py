@@ -1,9 +1,12 @@
-"""Coordinate-wise trimmed mean (Yin et al., ICML 2018)."""
+"""Coordinate-wise trimmed mean (Yin et al., ICML 2018), computed as Flower's FedTrimmedAvg computes it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from flip_fl.config import key
 from flip_fl.defenses.trimmed_mean import trimmed_mean
@@ -13,9 +16,12 @@ from strategies.defense import Decision, Defense, FloatArray, RoundUpdates
 
 @DEFENSES.register("trimmed_mean")
 class TrimmedMeanDefense(Defense):
-    """Per coordinate, the mean of the updates left when the beta*n smallest and largest are cut (as FedTrimmedAvg).
+    """Per coordinate, the mean of the values left when the beta*n smallest and largest are cut.
 
-    The decision's weights are each client's share of the surviving coordinates.
+    The aggregate is Flower's `trim_mean` (FedTrimmedAvg) of the client models in the global model's float
+    dtype, so the numbers are Flower's to the last bit (a trimmed mean of models equals global + the trimmed
+    mean of updates, up to the rounding of that dtype). The decision's weights are each client's share of the
+    surviving coordinates (`flip_fl.defenses.trimmed_mean` on the float64 updates).
 
     Args:
         beta: fraction cut from each end per coordinate.
@@ -33,7 +39,9 @@ class TrimmedMeanDefense(Defense):
         self.beta = beta
 
     def rule(self, updates: RoundUpdates) -> tuple[FloatArray, Decision]:
-        """The per-coordinate trimmed mean update."""
-        out = trimmed_mean(updates.matrix, self.beta)
-        return out.delta, Decision(weights=out.weights, coordinatewise=True,
-                                   info={"num_trimmed_per_side": out.info["num_trimmed_per_side"]})
+        """The per-coordinate trimmed mean of the client models, as an update of the global one."""
+        models, global_params = self.client_models(updates)
+        delta = np.asarray(trim_mean(models, self.beta), dtype=np.float64) - global_params
+        shares = trimmed_mean(updates.matrix, self.beta)
+        return delta, Decision(weights=shares.weights, coordinatewise=True,
+                               info={"num_trimmed_per_side": shares.info["num_trimmed_per_side"]})

@@ -16,8 +16,9 @@ quiet_environment()  # before any test module imports flwr, which reads its tele
 
 # The slowest modules, slowest first: with two pytest-xdist workers and whole files per worker
 # (`-n 2 --dist loadfile` in pyproject.toml) the longest file starts at once and the rest runs beside it.
-SLOW_FIRST = ("test_lifecycle_e2e.py", "test_flip_e2e.py", "test_sweep.py", "test_attacks_e2e.py", "test_e2e_core.py",
-              "test_run_outputs_e2e.py", "test_scale.py")
+SLOW_FIRST = ("test_lifecycle_e2e.py", "test_flip_e2e.py", "test_sweep.py", "test_modern_defenses_e2e.py",
+              "test_attacks_e2e.py", "test_e2e_core.py", "test_run_outputs_e2e.py", "test_user_plugins.py",
+              "test_scale.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
