@@ -12,15 +12,15 @@ from flwr.app import Message
 from torch import nn
 
 from flip_fl.config import Config, ConfigError, key
-from flip_fl.data import ImageDataset, load_datasets
+from flip_fl.data import ImageDataset
 from flip_fl.defenses.flare import flare
-from flip_fl.defenses.fltrust import root_split
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state, unflatten
 from flip_fl.device import torch_device
 from flip_fl.models import build_model
 from flip_fl.registry import DEFENSES
 from flip_fl.training import batch_indices
 from strategies.defense import Decision, Defense, FloatArray, RoundUpdates
+from strategies.server_images import ServerImages
 
 
 def penultimate_layer(model: nn.Module) -> nn.Linear:
@@ -48,7 +48,7 @@ def penultimate_representations(model: nn.Module, data: ImageDataset, device: to
 
 
 @DEFENSES.register("flare")
-class FLAREDefense(Defense):
+class FLAREDefense(ServerImages, Defense):
     """FLARE: each update weighted by a softmax trust score from MMD nearest-neighbour votes between local models.
 
     Each round the server rebuilds every local model (global model + the client's whole update, BatchNorm
@@ -84,26 +84,9 @@ class FLAREDefense(Defense):
         self.replies_updates: FloatArray | None = None
 
     @classmethod
-    def check(cls, params: Any, cfg: Config) -> None:
-        """The server images must leave test images to evaluate on."""
-        syn = cfg.data.synthetic
-        if cfg.data.name == "synthetic" and params.root_size >= syn.test_size:
-            raise ConfigError(f"defense.flare.root_size: {params.root_size} server images cannot be held out of "
-                              f"data.synthetic.test_size = {syn.test_size}")
-
-    @classmethod
-    def held_out(cls, params: Any, cfg: Config, test_size: int) -> np.ndarray:
-        """The test images the server keeps (excluded from evaluation): FLTrust's seeded draw (`root_split`)."""
-        try:
-            return root_split(cfg.seed, params.root_size, test_size)[0]
-        except ValueError as err:
-            raise ConfigError(f"defense.flare.root_size: {err}") from None
-
-    @classmethod
     def options(cls, params: Any, cfg: Config) -> dict[str, Any]:
         """The server images, the model, the device, tau and the evaluation batch size."""
-        test = load_datasets(cfg)[1]
-        root = test.subset(cls.held_out(params, cfg, len(test)))
+        root = cls.server_images(params, cfg)
         try:
             penultimate_layer(build_model(cfg.model, root))
         except ValueError as err:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip_fl.config import Config, ConfigError, key
-from flip_fl.data import ImageDataset, load_datasets
-from flip_fl.defenses.fltrust import fltrust, root_split
+from flip_fl.config import Config, key
+from flip_fl.data import ImageDataset
+from flip_fl.defenses.fltrust import fltrust
 from flip_fl.defenses.updates import bn_statistic_mask, flatten_state
 from flip_fl.device import torch_device
 from flip_fl.models import build_model
@@ -20,10 +20,11 @@ from flip_fl.registry import DEFENSES
 from flip_fl.seeds import FLTRUST_TRAINING, torch_generator
 from flip_fl.training import LocalTraining, state_on_cpu
 from strategies.defense import Decision, Defense, FloatArray, RoundUpdates
+from strategies.server_images import ServerImages
 
 
 @DEFENSES.register("fltrust")
-class FLTrustDefense(Defense):
+class FLTrustDefense(ServerImages, Defense):
     """FLTrust: each update's trust is ReLU(cos(update, g0)) and it is rescaled to |g0|.
 
     g0 is the server's own update: each round it trains the global model on its root dataset with
@@ -52,26 +53,9 @@ class FLTrustDefense(Defense):
         self.root, self.trainer, self.model_fn, self.device, self.seed = root, trainer, model_fn, device, seed
 
     @classmethod
-    def check(cls, params: Any, cfg: Config) -> None:
-        """The root data must leave test images to evaluate on."""
-        syn = cfg.data.synthetic
-        if cfg.data.name == "synthetic" and params.root_size >= syn.test_size:
-            raise ConfigError(f"defense.fltrust.root_size: {params.root_size} root images cannot be held out of "
-                              f"data.synthetic.test_size = {syn.test_size}")
-
-    @classmethod
-    def held_out(cls, params: Any, cfg: Config, test_size: int) -> np.ndarray:
-        """The test images the server keeps as its root data (excluded from evaluation)."""
-        try:
-            return root_split(cfg.seed, params.root_size, test_size)[0]
-        except ValueError as err:
-            raise ConfigError(f"defense.fltrust.root_size: {err}") from None
-
-    @classmethod
     def options(cls, params: Any, cfg: Config) -> dict[str, Any]:
         """The root data, the benign trainer, the model, the device and the seed."""
-        test = load_datasets(cfg)[1]
-        root = test.subset(cls.held_out(params, cfg, len(test)))
+        root = cls.server_images(params, cfg)
         return {"root": root, "trainer": LocalTraining.from_config(cfg.training),
                 "model_fn": lambda: build_model(cfg.model, root), "device": torch_device(cfg.resources.num_gpus),
                 "seed": cfg.seed}

@@ -203,7 +203,7 @@ CATALOGUE: list[tuple[str, list[str], str]] = [
      "defense.multikrum.num_selected: 9 exceeds"),
     ("rlr threshold too high", run_("defense.name=rlr", "defense.rlr.threshold=9"), "defense.rlr.threshold: 9 exceeds"),
     ("fltrust root too large", run_("defense.name=fltrust", "defense.fltrust.root_size=300"),
-     "defense.fltrust.root_size: 300 root"),
+     "defense.fltrust.root_size: 300 server images"),
     ("deepsight cluster beyond a round", run_("defense.name=deepsight", "defense.deepsight.min_cluster_size=5"),
      "defense.deepsight.min_cluster_size: 5 exceeds federation.clients_per_round (4)"),
     ("deepsight tau 0", run_("defense.deepsight.tau=0"), "defense.deepsight.tau: 0.0 is out of range"),

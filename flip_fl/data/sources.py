@@ -146,24 +146,14 @@ def _digits(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     return load_digits(cfg.seed)
 
 
-@DATASETS.register("mnist", num_classes=10)
-def _mnist(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
-    return load_torchvision("mnist", cfg.data.root, cfg.data.download)
+def _torchvision_loader(name: str) -> Callable[[Config], tuple[ImageDataset, ImageDataset]]:
+    def load(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+        return load_torchvision(name, cfg.data.root, cfg.data.download)
+    return load
 
 
-@DATASETS.register("fashion_mnist", num_classes=10)
-def _fashion_mnist(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
-    return load_torchvision("fashion_mnist", cfg.data.root, cfg.data.download)
-
-
-@DATASETS.register("cifar10", num_classes=10)
-def _cifar10(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
-    return load_torchvision("cifar10", cfg.data.root, cfg.data.download)
-
-
-@DATASETS.register("cifar100", num_classes=100)
-def _cifar100(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
-    return load_torchvision("cifar100", cfg.data.root, cfg.data.download)
+for _name, _spec in TORCHVISION.items():  # the same decorator, once per torchvision dataset
+    DATASETS.register(_name, num_classes=_spec.num_classes)(_torchvision_loader(_name))
 
 
 def _data_key(cfg: Config) -> tuple:

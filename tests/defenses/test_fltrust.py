@@ -88,6 +88,6 @@ def test_root_split_refuses_a_root_as_large_as_the_test_set():
 
 
 def test_impossible_fltrust_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="defense.fltrust.root_size: 300 root images"):
+    with pytest.raises(ConfigError, match="defense.fltrust.root_size: 300 server images"):
         tiny_config("federation.num_clients=8", "federation.clients_per_round=7", "attack.num_malicious=1",
                     "defense.name=fltrust", "defense.fltrust.root_size=300")
