@@ -85,8 +85,9 @@ def section_name(family: Family, name: str) -> str:
     """
     if not (family.accepts_paths() and "." in name):
         return name
-    registered = getattr(family.lookup(name), "name", "")
-    if registered in family.names and family.lookup(registered) is family.lookup(name):
+    part = family.lookup(name)
+    registered = getattr(part, "name", "")
+    if registered in family.names and family.lookup(registered) is part:
         return str(registered)
     return name.rsplit(".", 1)[-1]
 
